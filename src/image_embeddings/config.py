@@ -1,0 +1,328 @@
+"""Typed configuration: YAML files plus ``--set key=value`` overrides, validated once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from image_embeddings.images import DEFAULT_EXTENSIONS, MODES
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|access[._-]?key|credential)", re.IGNORECASE)
+_GLOB_CHARS = set("*?[]{}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the images and the sales table come from and how files are selected."""
+
+    images: str
+    sales: str
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    image_id_pattern: str = r"^(.+)\.[^.]+$"
+    max_file_bytes: int = 64 * 1024 * 1024
+    sales_key: str = "image_id"
+    join: Literal["inner", "left"] = "inner"
+    track_deletions: bool = True
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Delta table locations."""
+
+    images_table: str
+    embeddings_table: str
+    runs_table: str
+    files_table: str | None = None
+
+    @property
+    def files_table_path(self) -> str:
+        """The per-file state table; defaults to ``<images_table>_files``."""
+        return self.files_table or self.images_table.rstrip("/") + "_files"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How stage 1 decodes and downscales an image."""
+
+    size: int = 224
+    mode: Literal["center_crop", "squash"] = "center_crop"
+    crop_fraction: float = 0.875
+    jpeg_quality: int = 90
+    max_pixels: int = 100_000_000
+
+    @property
+    def preprocess_id(self) -> str:
+        """A short stable identity of the pixels this configuration produces."""
+        crop = f"-cf{self.crop_fraction:g}" if self.mode == "center_crop" else ""
+        return f"{self.mode}-{self.size}{crop}-q{self.jpeg_quality}"
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """Settings used when this package creates the SparkSession itself."""
+
+    app_name: str = "image-embeddings"
+    master: str | None = None
+    packages: tuple[str, ...] = ()
+    ivy_dir: str | None = None
+    arrow_max_records_per_batch: int = 32
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """S3A client settings; credentials always come from the default provider chain."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    path_style_access: bool = False
+    ssl: bool = True
+    map_s3_scheme: bool = False
+    max_attempts: int = 5
+    retry_limit: int = 7
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The whole validated configuration."""
+
+    input: InputConfig
+    output: OutputConfig
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = (),
+                data: dict[str, Any] | None = None) -> AppConfig:
+    """Load a YAML file (or a dict), apply ``key=value`` overrides and return a validated config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw = loaded
+    if data is not None:
+        raw = _deep_merge(raw, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    config = _build(AppConfig, raw, "")
+    _check(config)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` into the dotted key and a YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<top>'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + str(u) for u in unknown)
+        raise ConfigError(f"{names}: unknown config key (known: {', '.join(prefix + f for f in fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                if dataclasses.is_dataclass(hints[name]):
+                    kwargs[name] = _build(hints[name], {}, key + ".")
+                    continue
+                raise ConfigError(f"{key}: required config key is missing")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            out[str(k)] = _coerce(args[1], v, f"{key}.{k}")
+        return out
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema error
+
+
+# ---------------------------------------------------------------------------------------------------------
+# semantic checks
+
+
+def _check(config: AppConfig) -> None:
+    inp, out, pre, spark, s3 = config.input, config.output, config.preprocess, config.spark, config.s3
+    for key, value in (("input.images", inp.images), ("input.sales", inp.sales),
+                       ("output.images_table", out.images_table),
+                       ("output.embeddings_table", out.embeddings_table),
+                       ("output.runs_table", out.runs_table), ("output.files_table", out.files_table)):
+        if value is not None:
+            _check_location(key, value)
+    if _GLOB_CHARS & set(inp.images):
+        raise ConfigError(f"input.images: must be a directory or prefix, not a glob pattern: {inp.images!r}")
+    if not inp.extensions:
+        raise ConfigError("input.extensions: must list at least one extension")
+    for i, ext in enumerate(inp.extensions):
+        if not re.fullmatch(r"[A-Za-z0-9]+", ext.lstrip(".")):
+            raise ConfigError(f"input.extensions[{i}]: not a file extension: {ext!r}")
+    try:
+        pattern = re.compile(inp.image_id_pattern)
+    except re.error as exc:
+        raise ConfigError(f"input.image_id_pattern: invalid regular expression: {exc}") from exc
+    if pattern.groups < 1:
+        raise ConfigError("input.image_id_pattern: needs one capturing group holding the image_id")
+    if inp.max_file_bytes < 1 or inp.max_file_bytes > 2_000_000_000:
+        raise ConfigError("input.max_file_bytes: must be between 1 and 2000000000 (Spark reads at most 2 GB)")
+    if not inp.sales_key:
+        raise ConfigError("input.sales_key: must not be empty")
+    if pre.mode not in MODES:
+        raise ConfigError(f"preprocess.mode: must be one of {', '.join(MODES)}")
+    if not 8 <= pre.size <= 4096:
+        raise ConfigError(f"preprocess.size: must be between 8 and 4096, got {pre.size}")
+    if not 0.0 < pre.crop_fraction <= 1.0:
+        raise ConfigError(f"preprocess.crop_fraction: must be in (0, 1], got {pre.crop_fraction}")
+    if not 1 <= pre.jpeg_quality <= 95:
+        raise ConfigError(f"preprocess.jpeg_quality: must be between 1 and 95, got {pre.jpeg_quality}")
+    if pre.max_pixels < 1:
+        raise ConfigError("preprocess.max_pixels: must be positive")
+    if spark.arrow_max_records_per_batch < 1:
+        raise ConfigError("spark.arrow_max_records_per_batch: must be positive")
+    for key in spark.conf:
+        if not key.startswith("spark."):
+            raise ConfigError(f"spark.conf.{key}: Spark settings must start with 'spark.'")
+        if _SECRET_KEY.search(key) and not key.endswith(".provider"):
+            raise ConfigError(f"spark.conf.{key}: secrets do not belong in config files; "
+                              "credentials come from the AWS default provider chain")
+    if s3.max_attempts < 1 or s3.retry_limit < 0:
+        raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
+    if s3.endpoint is not None and not re.match(r"^https?://[^\s/]+", s3.endpoint):
+        raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {s3.endpoint!r}")
+
+
+_SCHEMES = ("file", "s3", "s3a", "dbfs", "hdfs", "abfss", "gs", "wasbs")
+
+
+def _check_location(key: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"{key}: must not be empty")
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if match and match.group(1).lower() not in _SCHEMES:
+        raise ConfigError(f"{key}: unsupported scheme {match.group(1)!r} in {value!r}")
+    if match and match.group(1).lower() in ("s3", "s3a") and "@" in value.split("/")[2]:
+        raise ConfigError(f"{key}: credentials must not be embedded in the URI")
+
+
+def qualify(location: str) -> str:
+    """Return a location as Spark reports it: local paths become absolute ``file:/...``."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location) and not location.startswith("file:"):
+        return location.rstrip("/")
+    local = location[len("file:"):] if location.startswith("file:") else location
+    local = re.sub(r"^/+", "/", local)
+    return "file:" + str(Path(local).expanduser().resolve())
+
+
+def as_dict(config: AppConfig) -> dict[str, Any]:
+    """Return the config as plain data (for reports and logs)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,259 @@
+"""Decode raw image bytes and downscale them to a small square RGB JPEG (pure Python, no Spark)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, JpegImagePlugin
+
+MODES = ("center_crop", "squash")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+_MAX_ERROR_CHARS = 300
+_WHITE = (255, 255, 255)
+
+# Same table as PIL.ImageOps.exif_transpose; orientations 5-8 swap width and height.
+_EXIF_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_TRUNCATION_MARKERS = ("truncated", "broken data stream", "premature end", "unexpected end")
+
+
+@dataclass(frozen=True)
+class DownscaleResult:
+    """Outcome of `downscale`: JPEG bytes plus original (oriented) size, or an error string."""
+
+    image: bytes | None
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+class _ImageError(Exception):
+    """Internal failure with an already-classified reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def error_reason(error: str | None) -> str | None:
+    """Return the reason prefix of an error string ('too_large: ...' -> 'too_large')."""
+    if error is None:
+        return None
+    return error.partition(":")[0].strip()
+
+
+def downscale(
+    content: bytes | None,
+    size: int = 224,
+    mode: str = "center_crop",
+    quality: int = 90,
+    max_pixels: int = 100_000_000,
+    crop_fraction: float = 0.875,
+) -> DownscaleResult:
+    """Decode image bytes and return a size x size RGB JPEG, or an error; never raises."""
+    _check_arguments(size, mode, quality, max_pixels, crop_fraction)
+    if content is None or len(content) == 0:
+        return DownscaleResult(None, None, None, "empty: no bytes")
+    width: int | None = None
+    height: int | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(io.BytesIO(content))
+            except Image.UnidentifiedImageError:
+                raise _ImageError(
+                    "not_an_image", f"cannot identify image format ({len(content)} bytes)"
+                ) from None
+            with im:
+                src_w, src_h = im.size
+                # PNG may store eXIf after the pixel data: read EXIF now only if that decodes nothing.
+                exif_after_load = im.format == "PNG" and "exif" not in im.info
+                orientation = 1 if exif_after_load else _orientation(im)
+                width, height = _oriented_size(src_w, src_h, orientation)
+                _check_pixels(src_w, src_h, max_pixels)
+                if isinstance(im, JpegImagePlugin.JpegImageFile):
+                    need_w, need_h = _draft_target(width, height, size, mode, crop_fraction)
+                    if orientation in _SWAPPING_ORIENTATIONS:
+                        need_w, need_h = need_h, need_w
+                    im.draft("RGB", (need_w, need_h))
+                im.load()
+                if exif_after_load:
+                    orientation = _orientation(im)
+                    width, height = _oriented_size(src_w, src_h, orientation)
+                base = _to_l_or_rgb(_apply_orientation(im, orientation))
+                box = _source_box(width, height, base.size, size, mode, crop_fraction)
+                small = base.resize((size, size), Image.Resampling.LANCZOS, box=box)
+                if small.mode != "RGB":
+                    small = small.convert("RGB")
+                out = io.BytesIO()
+                small.save(out, format="JPEG", quality=quality)
+        return DownscaleResult(out.getvalue(), width, height, None)
+    except _ImageError as exc:
+        return DownscaleResult(None, width, height, _format_error(exc.reason, exc.detail))
+    except Exception as exc:  # the contract is "never raises" for any input bytes (MemoryError included)
+        reason = _classify(exc, content)
+        return DownscaleResult(None, width, height, _format_error(reason, _describe(exc)))
+
+
+def _check_arguments(size: int, mode: str, quality: int, max_pixels: int, crop_fraction: float) -> None:
+    """Raise ValueError for invalid (programming/config) arguments."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 95:
+        raise ValueError(f"quality must be an integer in 1..95, got {quality!r}")
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if not (isinstance(crop_fraction, (int, float)) and 0.0 < crop_fraction <= 1.0):
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Reject images whose header size is degenerate or exceeds the pixel budget."""
+    if width < 1 or height < 1:
+        raise _ImageError("decode_error", f"invalid dimensions {width}x{height}")
+    pixels = width * height
+    if pixels > max_pixels:
+        raise _ImageError("too_many_pixels", f"{width}x{height} = {pixels} pixels > limit {max_pixels}")
+
+
+def _orientation(im: Image.Image) -> int:
+    """Return the EXIF orientation (1..8), treating missing or unreadable EXIF as 1."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and value in _EXIF_TRANSPOSE else 1
+
+
+def _oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """Return (width, height) as displayed after applying the EXIF orientation."""
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _apply_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    """Transpose the decoded pixels so that they are upright (like ImageOps.exif_transpose)."""
+    method = _EXIF_TRANSPOSE.get(orientation)
+    return im if method is None else im.transpose(method)
+
+
+def _resized_dims(width: int, height: int, size: int, crop_fraction: float) -> tuple[int, int]:
+    """Size after torchvision-style Resize(round(size / crop_fraction)) of the shorter side."""
+    short_target = max(size, round(size / crop_fraction))
+    if width <= height:
+        return short_target, max(1, int(short_target * height / width))
+    return max(1, int(short_target * width / height)), short_target
+
+
+def _draft_target(width: int, height: int, size: int, mode: str, crop_fraction: float) -> tuple[int, int]:
+    """Smallest (oriented) full-image size that still covers the output with source pixels."""
+    if mode == "squash":
+        need_w, need_h = size, size
+    else:
+        need_w, need_h = _resized_dims(width, height, size, crop_fraction)
+    return max(1, min(width, need_w)), max(1, min(height, need_h))
+
+
+def _source_box(
+    width: int,
+    height: int,
+    current: tuple[int, int],
+    size: int,
+    mode: str,
+    crop_fraction: float,
+) -> tuple[float, float, float, float]:
+    """Return the region of the (possibly drafted) oriented image that maps onto the output square."""
+    cur_w, cur_h = current
+    if mode == "squash":
+        return (0.0, 0.0, float(cur_w), float(cur_h))
+    resized_w, resized_h = _resized_dims(width, height, size, crop_fraction)
+    left = int(round((resized_w - size) / 2.0))
+    top = int(round((resized_h - size) / 2.0))
+    scale_x = cur_w / resized_w
+    scale_y = cur_h / resized_h
+    return (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+
+
+def _to_l_or_rgb(im: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit L or RGB, compositing transparency over white."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_l(im)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8))
+    has_alpha = "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    return im.convert("RGB")
+
+
+def _sixteen_bit_to_l(im: Image.Image) -> Image.Image:
+    """Scale 16-bit grayscale (I;16* or I) linearly to 8 bits instead of saturating."""
+    raw = np.asarray(im)
+    values = np.clip(raw, 0, 65535).astype(np.uint32) if im.mode == "I" else raw.astype(np.uint32)
+    # round(v * 255 / 65535) with integer arithmetic (round half up).
+    scaled = ((values * 510 + 65535) // 131070).astype(np.uint8)
+    transparency = im.info.get("transparency")
+    if isinstance(transparency, int):
+        scaled[raw == transparency] = 255
+    return Image.fromarray(scaled)
+
+
+def _classify(exc: BaseException, content: bytes) -> str:
+    """Map a decoding exception to an error reason."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too_many_pixels"
+    if isinstance(exc, EOFError):
+        return "truncated"
+    message = str(exc).lower()
+    if any(marker in message for marker in _TRUNCATION_MARKERS) or _riff_is_truncated(content):
+        return "truncated"
+    return "decode_error"
+
+
+def _riff_is_truncated(content: bytes) -> bool:
+    """Return True for a RIFF/WEBP file shorter than its header declares (libwebp gives no reason)."""
+    if len(content) < 12 or content[:4] != b"RIFF" or content[8:12] != b"WEBP":
+        return False
+    return int.from_bytes(content[4:8], "little") + 8 > len(content)
+
+
+def _describe(exc: BaseException) -> str:
+    """Return a short description of an exception, prefixed with its type."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _format_error(reason: str, detail: str) -> str:
+    """Build a single-line '<reason>: <detail>' string of bounded length."""
+    flat = " ".join(detail.split())
+    message = f"{reason}: {flat}"
+    if len(message) > _MAX_ERROR_CHARS:
+        message = message[: _MAX_ERROR_CHARS - 3] + "..."
+    return message
+
+
+__all__ = ["DEFAULT_EXTENSIONS", "MODES", "DownscaleResult", "downscale", "error_reason"]

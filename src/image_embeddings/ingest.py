@@ -1,0 +1,427 @@
+"""Stage 1: list images, decode and downscale the new ones, join sales, write Delta.
+
+State lives in two Delta tables:
+
+* the files table (``output.files_table``, default ``<images_table>_files``): one row per listed file,
+  keyed by ``path``, with its metadata, content sha256, the downscaled JPEG or an ``error``. It decides
+  what is new: a file whose path, size and modification time are unchanged is never read again.
+* the images table (``output.images_table``): one row per ``image_id`` (duplicates resolved by
+  :func:`resolve_duplicates`), joined with the sales table. It is brought up to date by a diff, so a
+  rerun on unchanged input writes nothing and a change in sales updates rows without decoding images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from image_embeddings.config import AppConfig, PreprocessConfig, qualify
+from image_embeddings.report import RunReport, new_run_id, publish, utcnow
+from image_embeddings.tables import merge_changes, overwrite, read_table, table_version
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+DECODE_STRUCT = "image BINARY, width INT, height INT, error STRING, sha256 STRING"
+FILE_COLUMNS = ("path", "image_id", "file_size", "modification_time", "sha256", "width", "height", "image",
+                "error", "preprocess_id", "run_id", "ingested_at")
+IMAGE_COLUMNS = ("image_id", "path", "file_size", "modification_time", "sha256", "width", "height", "image",
+                 "error", "preprocess_id", "run_id", "ingested_at", "duplicate_files")
+UNREADABLE = "unreadable: the file vanished or changed while the run read it"
+NO_IMAGE_ID = "no_image_id: the file name does not match input.image_id_pattern"
+
+
+class IngestError(RuntimeError):
+    """Stage 1 cannot run with this input; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# readers
+
+
+def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> DataFrame:
+    """List image files under ``root`` recursively without reading their content."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import functions as F
+
+    try:
+        df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+    except AnalysisException as exc:
+        raise IngestError(f"input.images: cannot list {root}: {exc}") from exc
+    listing = df.select("path", F.col("length").alias("file_size"),
+                        F.col("modificationTime").alias("modification_time"))
+    return select_extensions(listing, extensions)
+
+
+def read_contents(spark: SparkSession, locations: list[str], max_file_bytes: int) -> DataFrame:
+    """Read file contents of the given files or folders; files above the byte limit are never opened."""
+    from pyspark.sql import functions as F
+
+    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+    df = reader.load([_escape_glob(p) for p in locations])
+    return df.where(F.col("length") <= max_file_bytes).select(
+        "path", F.col("length").alias("file_size"), F.col("modificationTime").alias("modification_time"),
+        "content")
+
+
+def read_sales(spark: SparkSession, location: str, key: str) -> DataFrame:
+    """Read the sales Parquet table and name its join key ``image_id`` (as a string)."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import functions as F
+
+    try:
+        sales = spark.read.parquet(location)
+    except AnalysisException as exc:
+        raise IngestError(f"input.sales: cannot read Parquet at {location}: {exc}") from exc
+    if key not in sales.columns:
+        raise IngestError(f"input.sales_key: column {key!r} is not in the sales table "
+                          f"(columns: {', '.join(sales.columns)})")
+    if key != "image_id" and "image_id" in sales.columns:
+        raise IngestError(f"input.sales_key: the sales table has both {key!r} and 'image_id'; "
+                          "rename one of them")
+    return sales.withColumn(key, F.col(key).cast("string")).withColumnRenamed(key, "image_id")
+
+
+def _escape_glob(location: str) -> str:
+    """Escape Hadoop glob characters so a file named ``a[1].jpg`` is read as itself."""
+    return "".join("\\" + c if c in "{}[]*?\\" else c for c in location)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transforms
+
+
+def select_extensions(df: DataFrame, extensions: tuple[str, ...]) -> DataFrame:
+    """Keep rows whose ``path`` ends in one of ``extensions``, ignoring case."""
+    from pyspark.sql import functions as F
+
+    alternatives = "|".join(e.lower().lstrip(".") for e in extensions)
+    return df.where(F.lower(F.col("path")).rlike(rf"\.({alternatives})$"))
+
+
+def with_image_id(df: DataFrame, pattern: str) -> DataFrame:
+    """Add ``image_id``: group 1 of ``pattern`` matched against the file name (null when it does not match)."""
+    from pyspark.sql import functions as F
+
+    name = F.regexp_extract(F.col("path"), r"([^/]+)$", 1)
+    image_id = F.regexp_extract(name, pattern, 1)
+    return df.withColumn("image_id", F.when(image_id != "", image_id))
+
+
+def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preprocess_id: str,
+               max_file_bytes: int, track_deletions: bool = True) -> DataFrame:
+    """Compare a listing with the files table and give each path a ``status``.
+
+    ``new``, ``changed`` (size, modification time or preprocessing differ), ``retry`` (an earlier run could
+    not read it, or it was too large for a limit since raised), ``unchanged``, and ``removed`` (in the
+    table under ``scope`` but no longer listed).
+    """
+    from pyspark.sql import functions as F
+
+    listed = listing.withColumn("_listed", F.lit(True))
+    if files is None:
+        return listed.drop("_listed").withColumn("status", F.lit("new"))
+    known = files.select(
+        "path", F.col("file_size").alias("_old_size"),
+        F.col("modification_time").alias("_old_mtime"), F.col("error").alias("_old_error"),
+        F.col("preprocess_id").alias("_old_preprocess"), F.col("image_id").alias("_old_image_id"))
+    joined = listed.join(known, "path", "full_outer")
+    old_reason = F.substring_index(F.col("_old_error"), ":", 1)
+    in_scope = F.col("path").startswith(scope.rstrip("/") + "/")
+    status = (
+        F.when(F.col("_listed").isNull(),
+               F.when(in_scope & F.lit(track_deletions), F.lit("removed")))
+        .when(F.col("_old_size").isNull(), F.lit("new"))
+        .when((F.col("file_size") != F.col("_old_size"))
+              | (F.col("modification_time") != F.col("_old_mtime"))
+              | (F.col("preprocess_id") != F.col("_old_preprocess")), F.lit("changed"))
+        .when((old_reason == "unreadable")
+              | ((old_reason == "too_large") & (F.col("file_size") <= max_file_bytes)), F.lit("retry"))
+        .otherwise(F.lit("unchanged"))
+    )
+    return (
+        joined.withColumn("preprocess_id", F.lit(preprocess_id))
+        .withColumn("status", status)
+        .where(F.col("status").isNotNull())
+        .withColumn("image_id", F.coalesce("image_id", "_old_image_id"))
+        .select("path", "file_size", "modification_time", "image_id", "status")
+    )
+
+
+def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
+    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``."""
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    size, mode, quality = pre.size, pre.mode, pre.jpeg_quality
+    max_pixels, crop_fraction = pre.max_pixels, pre.crop_fraction
+
+    def _downscale(contents: pd.Series) -> pd.DataFrame:
+        import hashlib
+
+        from image_embeddings.images import downscale
+
+        out: dict[str, list[Any]] = {"image": [], "width": [], "height": [], "error": [], "sha256": []}
+        for data in contents:
+            result = downscale(data, size=size, mode=mode, quality=quality, max_pixels=max_pixels,
+                               crop_fraction=crop_fraction)
+            out["image"].append(result.image)
+            out["width"].append(result.width)
+            out["height"].append(result.height)
+            out["error"].append(result.error)
+            out["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
+        return pd.DataFrame({
+            "image": pd.Series(out["image"], dtype=object),
+            "width": pd.array(out["width"], dtype="Int32"),
+            "height": pd.array(out["height"], dtype="Int32"),
+            "error": pd.Series(out["error"], dtype=object),
+            "sha256": pd.Series(out["sha256"], dtype=object),
+        })
+
+    # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.
+    _downscale.__annotations__ = {"contents": pd.Series, "return": pd.DataFrame}
+    return pandas_udf(_downscale, DECODE_STRUCT)(content)  # type: ignore[call-overload]
+
+
+def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any) -> DataFrame:
+    """Turn rows of (path, image_id, file_size, modification_time, content) into files-table rows."""
+    from pyspark.sql import functions as F
+
+    decoded = files.withColumn("_d", downscale_column(F.col("content"), pre))
+    error = F.when(F.col("image_id").isNull(), F.lit(NO_IMAGE_ID)).otherwise(F.col("_d.error"))
+    return decoded.select(
+        "path", "image_id", "file_size", "modification_time",
+        F.col("_d.sha256").alias("sha256"), F.col("_d.width").alias("width"),
+        F.col("_d.height").alias("height"),
+        F.when(error.isNull(), F.col("_d.image")).alias("image"),
+        error.alias("error"),
+        F.lit(pre.preprocess_id).alias("preprocess_id"),
+        F.lit(run_id).alias("run_id"),
+        F.lit(ingested_at).cast("timestamp").alias("ingested_at"),
+    )
+
+
+def error_rows(todo: DataFrame, error: Column, preprocess_id: str, run_id: str, ingested_at: Any) -> DataFrame:
+    """Files-table rows for files that were not decoded (too large, unreadable), with ``error``."""
+    from pyspark.sql import functions as F
+
+    return todo.select(
+        "path", "image_id", "file_size", "modification_time",
+        F.lit(None).cast("string").alias("sha256"), F.lit(None).cast("int").alias("width"),
+        F.lit(None).cast("int").alias("height"), F.lit(None).cast("binary").alias("image"),
+        error.alias("error"), F.lit(preprocess_id).alias("preprocess_id"),
+        F.lit(run_id).alias("run_id"), F.lit(ingested_at).cast("timestamp").alias("ingested_at"))
+
+
+def too_large_error(max_file_bytes: int) -> Column:
+    """The error of a file over ``input.max_file_bytes``."""
+    from pyspark.sql import functions as F
+
+    return F.concat(F.lit("too_large: "), F.col("file_size").cast("string"),
+                    F.lit(f" bytes > input.max_file_bytes {max_file_bytes}"))
+
+
+def resolve_duplicates(files: DataFrame) -> DataFrame:
+    """Keep one file per ``image_id``: the latest modification time wins, then the smallest path.
+
+    Adds ``duplicate_files``: how many other files had the same ``image_id``. Files without an image_id
+    are dropped.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    by_id = Window.partitionBy("image_id")
+    ordered = by_id.orderBy(F.col("modification_time").desc(), F.col("path").asc())
+    return (
+        files.where(F.col("image_id").isNotNull())
+        .withColumn("_rank", F.row_number().over(ordered))
+        .withColumn("duplicate_files", (F.count(F.lit(1)).over(by_id) - 1).cast("int"))
+        .where(F.col("_rank") == 1)
+        .drop("_rank")
+    )
+
+
+def join_sales(images: DataFrame, sales: DataFrame, how: str) -> DataFrame:
+    """Join images with sales on ``image_id`` (``inner`` or ``left``)."""
+    clash = sorted(set(images.columns) & set(sales.columns) - {"image_id"})
+    if clash:
+        raise IngestError(f"sales columns {', '.join(clash)} clash with image columns; rename them in the "
+                          "sales table")
+    return images.join(sales, "image_id", how)
+
+
+def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run_id", "updated_at")) -> Column:
+    """A 64-bit hash of every column but the excluded ones, to find rows that changed."""
+    from pyspark.sql import functions as F
+
+    columns = [F.col(f"`{c}`") for c in sorted(df.columns) if c not in exclude]
+    return F.xxhash64(*columns)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
+
+
+def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
+               report_file: str | None = None) -> RunReport:
+    """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table)."""
+    report = RunReport(run_id=run_id or new_run_id("ingest"), stage="ingest", started_at=utcnow())
+    try:
+        _ingest(spark, config, report)
+    except BaseException as exc:
+        report.finish("failed", exc)
+        publish(report, spark, config.output.runs_table, report_file)
+        raise
+    report.finish("succeeded")
+    seconds = max(report.duration_s or 0.0, 1e-6)
+    report.metrics["images_per_second"] = round(report.metrics.get("files_decoded", 0) / seconds, 2)
+    publish(report, spark, config.output.runs_table, report_file)
+    return report
+
+
+def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    inp, out, pre = config.input, config.output, config.preprocess
+    started = time.monotonic()
+    root = qualify(inp.images)
+    m = report.metrics
+    m["input_images"] = root
+    m["preprocess_id"] = pre.preprocess_id
+
+    sales = read_sales(spark, inp.sales, inp.sales_key)
+    _check_sales_keys(sales, inp.sales_key)
+
+    listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
+    files = read_table(spark, out.files_table_path)
+    plan = plan_files(listing, files, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
+    plan = plan.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {r["status"]: int(r["count"]) for r in plan.groupBy("status").count().collect()}
+        for status in ("new", "changed", "retry", "unchanged", "removed"):
+            m[f"files_{status}"] = counts.get(status, 0)
+        m["files_listed"] = sum(v for k, v in counts.items() if k != "removed")
+        todo = plan.where(F.col("status").isin("new", "changed", "retry"))
+        to_read = todo.where(F.col("file_size") <= inp.max_file_bytes)
+        n_to_read = to_read.count()
+        n_readable = plan.where((F.col("status") != "removed")
+                                & (F.col("file_size") <= inp.max_file_bytes)).count()
+        ingested_at = utcnow()
+        too_large = todo.where(F.col("file_size") > inp.max_file_bytes)
+        processed = error_rows(too_large, too_large_error(inp.max_file_bytes), pre.preprocess_id,
+                               report.run_id, ingested_at)
+        decoded = None
+        if n_to_read:
+            locations = [root] if n_to_read == n_readable else [
+                row["path"] for row in to_read.select("path").collect()]
+            contents = select_extensions(read_contents(spark, locations, inp.max_file_bytes), inp.extensions)
+            decoded = decode_files(with_image_id(contents, inp.image_id_pattern), pre, report.run_id,
+                                   ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
+            # A listed file that could not be read now (deleted or grown past the limit meanwhile).
+            vanished = to_read.join(decoded.select("path"), "path", "left_anti")
+            processed = decoded.unionByName(processed).unionByName(
+                error_rows(vanished, F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at))
+        try:
+            stats = processed.agg(
+                F.count(F.lit(1)).alias("rows"),
+                F.count("sha256").alias("read"),
+                F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes"),
+            ).first()
+            assert stats is not None
+            m["files_read"] = int(stats["read"])
+            m["files_decoded"] = int(stats["read"])
+            m["bytes_read"] = int(stats["bytes"] or 0)
+            m["errors"] = _errors_by_reason(processed)
+            removed = plan.where(F.col("status") == "removed").select("path")
+            if int(stats["rows"]) or m["files_removed"] or files is None:
+                merge_changes(spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path")
+        finally:
+            if decoded is not None:
+                decoded.unpersist()
+    finally:
+        plan.unpersist()
+    m["files_table_version"] = table_version(spark, out.files_table_path)
+
+    all_files = read_table(spark, out.files_table_path)
+    assert all_files is not None
+    m["errors_total"] = _errors_by_reason(all_files)
+    images = resolve_duplicates(all_files)
+    _sales_match_counts(images, sales, m)
+    desired = join_sales(images, sales, inp.join)
+    _update_images_table(spark, desired, out.images_table, report)
+    m["images_table_version"] = table_version(spark, out.images_table)
+    m["stage_seconds"] = round(time.monotonic() - started, 3)
+
+
+def _errors_by_reason(df: DataFrame) -> dict[str, int]:
+    from pyspark.sql import functions as F
+
+    reasons = df.where(F.col("error").isNotNull()).groupBy(
+        F.substring_index(F.col("error"), ":", 1).alias("reason")).count().collect()
+    return {r["reason"]: int(r["count"]) for r in sorted(reasons, key=lambda r: r["reason"])}
+
+
+def _check_sales_keys(sales: DataFrame, key: str) -> None:
+    from pyspark.sql import functions as F
+
+    dupes = (sales.where(F.col("image_id").isNotNull()).groupBy("image_id").count()
+             .where(F.col("count") > 1).orderBy("image_id").limit(5).collect())
+    if dupes:
+        examples = ", ".join(f"{r['image_id']!r} x{r['count']}" for r in dupes)
+        raise IngestError(f"input.sales: key column {key!r} has duplicate values ({examples}); the sales "
+                          "table must hold at most one row per image")
+
+
+def _sales_match_counts(images: DataFrame, sales: DataFrame, m: dict[str, Any]) -> None:
+    from pyspark.sql import functions as F
+
+    left = images.select("image_id", F.lit(True).alias("_img"))
+    right = sales.where(F.col("image_id").isNotNull()).select("image_id", F.lit(True).alias("_sale"))
+    rows = (left.join(right, "image_id", "full_outer")
+            .groupBy(F.col("_img").isNotNull().alias("img"), F.col("_sale").isNotNull().alias("sale"))
+            .count().collect())
+    counts = {(r["img"], r["sale"]): int(r["count"]) for r in rows}
+    m["images"] = counts.get((True, True), 0) + counts.get((True, False), 0)
+    m["duplicate_files"] = int(images.agg(F.sum("duplicate_files")).first()[0] or 0)  # type: ignore[index]
+    m["joined"] = counts.get((True, True), 0)
+    m["images_without_sales"] = counts.get((True, False), 0)
+    m["sales_without_images"] = counts.get((False, True), 0)
+
+
+def _update_images_table(spark: SparkSession, desired: DataFrame, path: str, report: RunReport) -> None:
+    """Bring the images table to ``desired`` writing only rows that changed (nothing when none did)."""
+    from pyspark.sql import functions as F
+
+    now = utcnow()
+    target = desired.withColumn("updated_run_id", F.lit(report.run_id)).withColumn(
+        "updated_at", F.lit(now).cast("timestamp"))
+    existing = read_table(spark, path)
+    m = report.metrics
+    if existing is None or _schema_changed(existing, target):
+        overwrite(target, path)
+        m["images_table_write"] = "created" if existing is None else "overwritten (schema changed)"
+        m["images_upserted"] = spark.read.format("delta").load(path).count()
+        m["images_deleted"] = 0
+        return
+    wanted = target.withColumn("_fp", fingerprint(desired))
+    have = existing.select("image_id", fingerprint(existing).alias("_fp"))
+    upserts = wanted.join(have, ["image_id", "_fp"], "left_anti").drop("_fp")
+    deletes = have.join(wanted.select("image_id"), "image_id", "left_anti").select("image_id")
+    n_upserts, n_deletes = upserts.count(), deletes.count()
+    m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
+    if n_upserts or n_deletes:
+        merge_changes(spark, path, upserts.select(*existing.columns), deletes, "image_id")
+        m["images_table_write"] = "merged"
+    else:
+        m["images_table_write"] = "unchanged"
+
+
+def _schema_changed(existing: DataFrame, target: DataFrame) -> bool:
+    def shape(df: DataFrame) -> set[tuple[str, str]]:
+        return {(f.name, f.dataType.simpleString()) for f in df.schema.fields}
+
+    return shape(existing) != shape(target)

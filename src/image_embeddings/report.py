@@ -1,0 +1,112 @@
+"""Run reports: one JSON document per run, one log line, and one row in the runs table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+RUNS_SCHEMA = ("run_id STRING, stage STRING, status STRING, started_at TIMESTAMP, finished_at TIMESTAMP, "
+               "duration_s DOUBLE, report STRING")
+
+_SECRETISH = re.compile(r"(?i)(secret|password|passwd|token|access[._-]?key|credential)")
+
+
+def new_run_id(stage: str) -> str:
+    """Return a sortable, unique run id such as ``ingest-20261123T054000Z-1a2b3c4d``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return f"{stage}-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def utcnow() -> dt.datetime:
+    """Return the current time as an aware UTC datetime (Spark stores it as the same instant)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class RunReport:
+    """What one stage run did; ``metrics`` holds the stage's counters."""
+
+    run_id: str
+    stage: str
+    started_at: dt.datetime
+    status: str = "running"
+    finished_at: dt.datetime | None = None
+    duration_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        """Record the end of the run."""
+        self.status = status
+        self.finished_at = utcnow()
+        self.duration_s = round((self.finished_at - self.started_at).total_seconds(), 3)
+        if error is not None:
+            self.error = f"{type(error).__name__}: {error}"[:4000]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as JSON-ready data, with anything that looks like a secret redacted."""
+        data = dataclasses.asdict(self)
+        for key in ("started_at", "finished_at"):
+            if data[key] is not None:
+                data[key] = data[key].isoformat()
+        return redact(data)
+
+    def to_json(self) -> str:
+        """Return the report as one JSON document."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+    def summary(self) -> str:
+        """Return the one-line summary that is logged."""
+        flat = " ".join(f"{k}={_short(v)}" for k, v in sorted(self.metrics.items()))
+        return (f"run_id={self.run_id} stage={self.stage} status={self.status} "
+                f"duration_s={self.duration_s} {flat}").strip()
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def redact(data: Any) -> Any:
+    """Replace values of keys that look like credentials with ``***``, recursively."""
+    if isinstance(data, dict):
+        return {k: ("***" if isinstance(k, str) and _SECRETISH.search(k) and not k.endswith("provider")
+                    and v is not None else redact(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def publish(report: RunReport, spark: SparkSession | None, runs_table: str | None,
+            report_file: str | None) -> None:
+    """Log the report, append it to the runs table and write it to ``report_file``; never raises."""
+    log.info("run report: %s", report.summary())
+    if report_file:
+        try:
+            path = Path(report_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+        except OSError as exc:
+            log.error("could not write report file %s: %s", report_file, exc)
+    if spark is not None and runs_table:
+        try:
+            from image_embeddings.tables import append
+
+            row = (report.run_id, report.stage, report.status, report.started_at, report.finished_at,
+                   report.duration_s, report.to_json())
+            append(spark.createDataFrame([row], RUNS_SCHEMA), runs_table)
+        except Exception as exc:  # the report must not hide the run's own outcome
+            log.error("could not append the run report to %s: %s", runs_table, exc)

@@ -1,0 +1,97 @@
+"""A small sample of real photographs (scikit-image's ``data`` module) with a generated sales table."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Real photographs that scikit-image ships inside its wheel (no download needed).
+PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "retina", "coins", "moon", "clock")
+
+
+def photo(name: str) -> np.ndarray:
+    """Return one of :data:`PHOTOS` as an RGB uint8 array."""
+    import numpy as np
+
+    try:
+        from skimage import data
+    except ImportError as exc:  # pragma: no cover - dev extra missing
+        raise RuntimeError("scikit-image is needed for the sample photos: run `make setup`") from exc
+    if name not in PHOTOS:
+        raise ValueError(f"unknown sample photo {name!r}; choose from {', '.join(PHOTOS)}")
+    array = np.asarray(getattr(data, name)())
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3]).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", size: tuple[int, int] | None = None, **save: object) -> bytes:
+    """Encode an RGB array as image bytes, optionally resized to ``size`` (width, height) first."""
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if size is not None:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def variants(array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield transformed copies of a photo (flip, crop, brightness) so that similar images exist."""
+    import numpy as np
+
+    height, width = array.shape[:2]
+    yield "flip", np.ascontiguousarray(array[:, ::-1])
+    yield "crop", np.ascontiguousarray(array[height // 8: height - height // 8, width // 8: width - width // 8])
+    yield "bright", np.clip(array.astype(np.int16) + 40, 0, 255).astype(np.uint8)
+
+
+def write_sample(folder: str | Path, with_variants: bool = True, seed: int = 0) -> list[str]:
+    """Write the sample photos as JPEGs under ``folder/images`` and sales Parquet under ``folder/sales``.
+
+    Returns the image ids written. Every image has one sales row; two extra sales rows have no image.
+    """
+    import pandas as pd
+
+    root = Path(folder)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    ids: list[str] = []
+    for name in PHOTOS:
+        array = photo(name)
+        (images / f"{name}.jpg").write_bytes(encode(array, quality=92))
+        ids.append(name)
+        if with_variants:
+            (images / "variants").mkdir(exist_ok=True)
+            for suffix, variant in variants(array):
+                image_id = f"{name}_{suffix}"
+                (images / "variants" / f"{image_id}.jpg").write_bytes(encode(variant, quality=92))
+                ids.append(image_id)
+    write_sales(root / "sales", [*ids, "no_such_image_1", "no_such_image_2"], seed=seed)
+    return ids
+
+
+def write_sales(folder: str | Path, image_ids: list[str], seed: int = 0) -> None:
+    """Write a one-file sales Parquet table with one row per image id."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.parquet"):
+        old.unlink()
+    frame = pd.DataFrame({
+        "image_id": image_ids,
+        "product_id": [f"P{i:05d}" for i in range(len(image_ids))],
+        "units_sold": [rng.randint(0, 500) for _ in image_ids],
+        "revenue": [round(rng.uniform(0, 10_000), 2) for _ in image_ids],
+    })
+    frame.to_parquet(path / "part-00000.parquet", index=False)

@@ -1,0 +1,74 @@
+"""The one place a SparkSession is obtained."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from image_embeddings.config import AppConfig
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def session_settings(config: AppConfig) -> dict[str, str]:
+    """Static settings applied when the session is created here (Delta, S3A, jars, extra conf)."""
+    spark, s3 = config.spark, config.s3
+    settings: dict[str, str] = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.hadoop.fs.s3a.path.style.access": str(s3.path_style_access).lower(),
+        "spark.hadoop.fs.s3a.connection.ssl.enabled": str(s3.ssl).lower(),
+        "spark.hadoop.fs.s3a.attempts.maximum": str(s3.max_attempts),
+        "spark.hadoop.fs.s3a.retry.limit": str(s3.retry_limit),
+    }
+    if s3.endpoint:
+        settings["spark.hadoop.fs.s3a.endpoint"] = s3.endpoint
+    if s3.region:
+        settings["spark.hadoop.fs.s3a.endpoint.region"] = s3.region
+    if s3.map_s3_scheme:
+        settings["spark.hadoop.fs.s3.impl"] = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+    if spark.packages:
+        settings["spark.jars.packages"] = ",".join(spark.packages)
+    if spark.ivy_dir:
+        settings["spark.jars.ivy"] = str(Path(spark.ivy_dir).expanduser().resolve())
+    settings.update(runtime_settings(config))
+    settings.update(spark.conf)
+    return settings
+
+
+def runtime_settings(config: AppConfig) -> dict[str, str]:
+    """SQL settings this package needs, applied even to a session it did not create."""
+    return {
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.spark.arrow_max_records_per_batch),
+    }
+
+
+def get_spark(config: AppConfig) -> SparkSession:
+    """Return the active SparkSession (notebook, Databricks, spark-submit) or create one from config."""
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        builder = SparkSession.builder.appName(config.spark.app_name)
+        if config.spark.master:
+            builder = builder.master(config.spark.master)
+        if (config.spark.master or "").startswith("local"):
+            # Local Python workers run this interpreter, which has the package and its dependencies.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        for key, value in session_settings(config).items():
+            builder = builder.config(key, value)
+        spark = builder.getOrCreate()
+        log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
+    else:
+        log.info("reusing the active spark session (version %s)", spark.version)
+    for key, value in runtime_settings(config).items():
+        spark.conf.set(key, value)
+    return spark

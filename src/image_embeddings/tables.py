@@ -1,0 +1,75 @@
+"""Delta Lake readers and writers: every table write of the package goes through here."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    """Return True when ``path`` holds a Delta table."""
+    from delta.tables import DeltaTable
+
+    return bool(DeltaTable.isDeltaTable(spark, path))
+
+
+def read_table(spark: SparkSession, path: str) -> DataFrame | None:
+    """Read a Delta table, or return None when there is none yet."""
+    if not table_exists(spark, path):
+        return None
+    return spark.read.format("delta").load(path)
+
+
+def table_version(spark: SparkSession, path: str) -> int | None:
+    """Return the latest version of a Delta table, or None when it does not exist."""
+    from delta.tables import DeltaTable
+
+    if not table_exists(spark, path):
+        return None
+    row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+    return None if row is None else int(row[0])
+
+
+def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: DataFrame | None,
+                  key: str) -> None:
+    """Insert or replace ``upserts`` and delete the ``key`` values in ``deletes``, in one Delta commit.
+
+    Creates the table from ``upserts`` when it does not exist yet. Readers see either the old version or
+    the new one, never a part of the change.
+    """
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, path):
+        upserts.write.format("delta").mode("errorifexists").save(path)
+        log.info("created delta table %s", path)
+        return
+    columns = upserts.columns
+    source = upserts.withColumn("_delete", F.lit(False))
+    if deletes is not None:
+        source = source.unionByName(deletes.select(key).withColumn("_delete", F.lit(True)),
+                                    allowMissingColumns=True)
+    values = {f"`{c}`": f"s.`{c}`" for c in columns}
+    (
+        DeltaTable.forPath(spark, path).alias("t")
+        .merge(source.alias("s"), f"t.`{key}` = s.`{key}`")
+        .whenMatchedDelete(condition="s._delete")
+        .whenMatchedUpdate(set=values)
+        .whenNotMatchedInsert(condition="NOT s._delete", values=values)
+        .execute()
+    )
+
+
+def overwrite(df: DataFrame, path: str) -> None:
+    """Replace a table's content and schema in one commit."""
+    df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
+
+
+def append(df: DataFrame, path: str) -> None:
+    """Append rows to a Delta table, creating it when needed."""
+    df.write.format("delta").mode("append").save(path)
