@@ -658,3 +658,11 @@ def test_very_wide_and_tall_images(mode: str, transpose: bool) -> None:
     else:
         # Only ~9 source pixels around the middle of the ramp remain: a flat mid-gray.
         assert np.all(np.abs(along - 128) <= 3)
+
+
+def test_formats_outside_the_allowed_raster_set_are_refused() -> None:
+    # A valid PostScript header: Pillow would hand it to Ghostscript if it were allowed.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    result = downscale(eps)
+    assert result.image is None
+    assert error_reason(result.error) == "not_an_image"

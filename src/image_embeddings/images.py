@@ -11,6 +11,8 @@ from PIL import ExifTags, Image, JpegImagePlugin
 
 MODES = ("center_crop", "squash")
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Raster formats Pillow decodes by itself; others (EPS through Ghostscript, for one) are refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 _MAX_ERROR_CHARS = 300
 _WHITE = (255, 255, 255)
@@ -74,7 +76,7 @@ def downscale(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                im = Image.open(io.BytesIO(content))
+                im = Image.open(io.BytesIO(content), formats=ALLOWED_FORMATS)
             except Image.UnidentifiedImageError:
                 raise _ImageError(
                     "not_an_image", f"cannot identify image format ({len(content)} bytes)"
