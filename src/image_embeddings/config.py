@@ -66,7 +66,7 @@ class PreprocessConfig:
     @property
     def preprocess_id(self) -> str:
         """A short stable identity of the pixels this configuration produces."""
-        crop = f"-cf{self.crop_fraction:g}" if self.mode == "center_crop" else ""
+        crop = f"-cf{self.crop_fraction!r}" if self.mode == "center_crop" else ""
         return f"{self.mode}-{self.size}{crop}-q{self.jpeg_quality}"
 
 
@@ -132,14 +132,22 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         raw = _deep_merge(raw, data)
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        _set_dotted(raw, key, _Override(item.split("=", 1)[1], value))
     config = _build(AppConfig, raw, "")
     _check(config)
     return config
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value: its text, for string fields, and its YAML reading, for the others."""
+
+    text: str
+    value: Any
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``a.b=value`` into the dotted key and a YAML-parsed value."""
+    """Split ``a.b=value`` into the dotted key and its YAML-parsed value."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
@@ -163,8 +171,23 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _map_prefixes(cls: type = AppConfig, prefix: str = "") -> list[str]:
+    """Dotted names of free-form mapping fields (``spark.conf``), whose own keys contain dots."""
+    found: list[str] = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            found += _map_prefixes(tp, f"{prefix}{name}.")  # type: ignore[arg-type]
+        elif typing.get_origin(tp) is dict:
+            found.append(prefix + name)
+    return found
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
+    for mapping in _map_prefixes():
+        if key.startswith(mapping + ".") and len(key) > len(mapping) + 1:
+            parts = [*mapping.split("."), key[len(mapping) + 1:]]
+            break
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -201,8 +224,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Override):
+        wants_text = tp is str or (origin in (Union, types.UnionType) and str in args)
+        value = value.text if wants_text and value.value is not None else value.value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")  # type: ignore[arg-type]
+        return _build(tp, {} if value is None else value, key + ".")  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -297,7 +323,7 @@ def _check(config: AppConfig) -> None:
                               "credentials come from the AWS default provider chain")
     if s3.max_attempts < 1 or s3.retry_limit < 0:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
-    if s3.endpoint is not None and not re.match(r"^https?://[^\s/]+", s3.endpoint):
+    if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):
         raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {s3.endpoint!r}")
 
 
@@ -308,10 +334,10 @@ def _check_location(key: str, value: str) -> None:
     if not value.strip():
         raise ConfigError(f"{key}: must not be empty")
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
-    if match and match.group(1).lower() not in _SCHEMES:
-        raise ConfigError(f"{key}: unsupported scheme {match.group(1)!r} in {value!r}")
-    if match and match.group(1).lower() in ("s3", "s3a") and "@" in value.split("/")[2]:
+    if match and match.group(1).lower() in ("s3", "s3a") and "@" in value[match.end():].split("/")[0]:
         raise ConfigError(f"{key}: credentials must not be embedded in the URI")
+    if match and match.group(1).lower() not in _SCHEMES:
+        raise ConfigError(f"{key}: unsupported scheme {match.group(1)!r} (use one of {', '.join(_SCHEMES)})")
 
 
 def qualify(location: str) -> str:

@@ -31,6 +31,7 @@ FILE_COLUMNS = ("path", "image_id", "file_size", "modification_time", "sha256", 
 IMAGE_COLUMNS = ("image_id", "path", "file_size", "modification_time", "sha256", "width", "height", "image",
                  "error", "preprocess_id", "run_id", "ingested_at", "duplicate_files")
 UNREADABLE = "unreadable: the file vanished or changed while the run read it"
+EMPTY_FILE = "empty: zero-byte file"
 NO_IMAGE_ID = "no_image_id: the file name does not match input.image_id_pattern"
 
 
@@ -43,7 +44,11 @@ class IngestError(RuntimeError):
 
 
 def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> DataFrame:
-    """List image files under ``root`` recursively without reading their content."""
+    """List image files under ``root`` recursively without reading their content.
+
+    Spark's scan skips zero-byte files, so those are taken from the file index and listed with size 0 and
+    no modification time.
+    """
     from pyspark.errors import AnalysisException
     from pyspark.sql import functions as F
 
@@ -51,9 +56,24 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
         df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
     except AnalysisException as exc:
         raise IngestError(f"input.images: cannot list {root}: {exc}") from exc
-    listing = df.select("path", F.col("length").alias("file_size"),
-                        F.col("modificationTime").alias("modification_time"))
-    return select_extensions(listing, extensions)
+    listing = select_extensions(df.select("path", F.col("length").alias("file_size"),
+                                          F.col("modificationTime").alias("modification_time")), extensions)
+    suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
+    indexed = [(p,) for p in map(_uri_to_path, df.inputFiles()) if p.lower().endswith(suffixes)]
+    if not indexed:
+        return listing
+    every = spark.createDataFrame(indexed, "path STRING")
+    empty = every.join(listing, "path", "left_anti").select(
+        "path", F.lit(0).cast("long").alias("file_size"), F.lit(None).cast("timestamp").alias("modification_time"))
+    return listing.unionByName(empty)
+
+
+def _uri_to_path(uri: str) -> str:
+    """Turn a file-index URI (``file:///a%20b.jpg``) into the form of the scan's path column."""
+    from urllib.parse import unquote
+
+    path = unquote(uri)
+    return "file:/" + path[len("file:///"):] if path.startswith("file:///") else path
 
 
 def read_contents(spark: SparkSession, locations: list[str], max_file_bytes: int) -> DataFrame:
@@ -306,14 +326,14 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             m[f"files_{status}"] = counts.get(status, 0)
         m["files_listed"] = sum(v for k, v in counts.items() if k != "removed")
         todo = plan.where(F.col("status").isin("new", "changed", "retry"))
-        to_read = todo.where(F.col("file_size") <= inp.max_file_bytes)
+        readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
+        to_read = todo.where(readable)
         n_to_read = to_read.count()
-        n_readable = plan.where((F.col("status") != "removed")
-                                & (F.col("file_size") <= inp.max_file_bytes)).count()
+        n_readable = plan.where((F.col("status") != "removed") & readable).count()
         ingested_at = utcnow()
-        too_large = todo.where(F.col("file_size") > inp.max_file_bytes)
-        processed = error_rows(too_large, too_large_error(inp.max_file_bytes), pre.preprocess_id,
-                               report.run_id, ingested_at)
+        not_read = todo.where(~readable).withColumn("_error", F.when(
+            F.col("file_size") == 0, F.lit(EMPTY_FILE)).otherwise(too_large_error(inp.max_file_bytes)))
+        processed = error_rows(not_read, F.col("_error"), pre.preprocess_id, report.run_id, ingested_at)
         decoded = None
         if n_to_read:
             locations = [root] if n_to_read == n_readable else [
