@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,8 @@ def _error(*overrides: str, data: dict[str, Any] | None = None) -> str:
 
 def test_local_yaml_loads_and_validates() -> None:
     config = load_config(LOCAL)
-    assert config.input.images == "demo/images"
-    assert config.input.sales == "demo/sales"
+    assert config.input.images == "demo/sample/images"
+    assert config.input.sales == "demo/sample/sales"
     assert config.input.extensions == ("jpg", "jpeg", "png", "webp")
     assert config.input.image_id_pattern == r"^(.+)\.[^.]+$"
     assert config.input.max_file_bytes == 64 * 1024 * 1024
@@ -547,3 +548,29 @@ def test_redact_scalars_and_non_string_keys() -> None:
     assert redact("secret") == "secret"
     assert redact([{"token": 1}]) == [{"token": "***"}]
     assert redact({1: "x"}) == {1: "x"}
+
+
+def _schema_keys(cls: type = AppConfig, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    keys: list[str] = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _schema_keys(tp, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_readme_documents_every_config_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", readme, flags=re.MULTILINE))
+    assert documented == set(_schema_keys())
+
+
+def test_endpoint_with_credentials_and_empty_section() -> None:
+    assert _error("s3.endpoint=http://user:pw@127.0.0.1:9000").startswith("s3.endpoint: expected")
+    data = _minimal()
+    data["preprocess"] = None
+    assert _load(data=data).preprocess.size == 224

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile import cases, write_cases
 from PIL import Image
 
-from hostile import cases, write_cases
 from image_embeddings.ingest import IngestError, run_ingest
 from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
 from image_embeddings.tables import table_version

@@ -59,7 +59,6 @@ def write_sample(folder: str | Path, with_variants: bool = True, seed: int = 0) 
 
     Returns the image ids written. Every image has one sales row; two extra sales rows have no image.
     """
-    import pandas as pd
 
     root = Path(folder)
     images = root / "images"

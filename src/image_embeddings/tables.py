@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: D
     if deletes is not None:
         source = source.unionByName(deletes.select(key).withColumn("_delete", F.lit(True)),
                                     allowMissingColumns=True)
-    values = {f"`{c}`": f"s.`{c}`" for c in columns}
+    values: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in columns}
     (
         DeltaTable.forPath(spark, path).alias("t")
         .merge(source.alias("s"), f"t.`{key}` = s.`{key}`")

@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: both run `make setup` first, which is idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# MinIO for the tests' local S3 server, built from source with Go (the version `@latest` gave on 2026-11-23).
+MINIO_VERSION ?= v0.0.0-20260212201848-7aac2a2c5b7c
+MINIO  := .tools/bin/minio
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed $(MINIO) .cache/ivy/.warm
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(MINIO):
+	@command -v go >/dev/null || { echo "Go is needed to build the local S3 server (MinIO)"; exit 1; }
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/minio/minio@$(MINIO_VERSION)
+
+# Resolve Delta, hadoop-aws and the AWS SDK bundle from Maven Central once; later runs start offline.
+.cache/ivy/.warm: $(VENV)/.installed conf/local.yaml
+	$(PY) scripts/warm_jars.py --config conf/local.yaml
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py --config conf/local.yaml
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests jobs scripts
+	$(VENV)/bin/mypy src
+
+clean:
+	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
