@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ingest = sub.add_parser("ingest", help="stage 1: list, decode and downscale images, join sales, write Delta")
     _add_common(ingest)
+    embed = sub.add_parser("embed", help="stage 2: embed the images table with a headless backbone into Delta")
+    _add_common(embed)
     check = sub.add_parser("check-config", help="validate a config file and print it")
     _add_common(check)
     return parser
@@ -61,13 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_stage(command: str, config: AppConfig, run_id: str | None, report_file: str | None) -> int:
+    from image_embeddings.embed import EmbedError, run_embed
+    from image_embeddings.embedder import WeightsError
     from image_embeddings.ingest import IngestError, run_ingest
     from image_embeddings.spark import get_spark
 
+    stage = {"ingest": run_ingest, "embed": run_embed}[command]
     spark = get_spark(config)
     try:
-        report = run_ingest(spark, config, run_id=run_id, report_file=report_file)
-    except IngestError as exc:
+        report = stage(spark, config, run_id=run_id, report_file=report_file)
+    except (IngestError, EmbedError, WeightsError) as exc:
         log.error("%s failed: %s", command, exc)
         return 1
     return 0 if report.status == "succeeded" else 1

@@ -96,12 +96,29 @@ class S3Config:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """Stage 2: which backbone and weights embed the images, where and how."""
+
+    name: str = "resnet50"
+    weights: str = "imagenet"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = 64
+    normalize: bool = True
+    cache_dir: str = "~/.cache/image-embeddings"
+    threads: int | None = None
+    arrow_batch_rows: int = 256
+    partitions: int | None = None
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole validated configuration."""
 
     input: InputConfig
     output: OutputConfig
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     s3: S3Config = field(default_factory=S3Config)
 
@@ -297,6 +314,9 @@ def _check(config: AppConfig) -> None:
         pattern = re.compile(inp.image_id_pattern)
     except re.error as exc:
         raise ConfigError(f"input.image_id_pattern: invalid regular expression: {exc}") from exc
+    if "(?P" in inp.image_id_pattern:
+        raise ConfigError("input.image_id_pattern: Spark uses Java regular expressions; write a named group as "
+                          "(?<name>...), not (?P<name>...)")
     if pattern.groups < 1:
         raise ConfigError("input.image_id_pattern: needs one capturing group holding the image_id")
     if inp.max_file_bytes < 1 or inp.max_file_bytes > 2_000_000_000:
@@ -313,6 +333,7 @@ def _check(config: AppConfig) -> None:
         raise ConfigError(f"preprocess.jpeg_quality: must be between 1 and 95, got {pre.jpeg_quality}")
     if pre.max_pixels < 1:
         raise ConfigError("preprocess.max_pixels: must be positive")
+    _check_model(config.model)
     if spark.arrow_max_records_per_batch < 1:
         raise ConfigError("spark.arrow_max_records_per_batch: must be positive")
     for key in spark.conf:
@@ -325,6 +346,22 @@ def _check(config: AppConfig) -> None:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
     if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):
         raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {s3.endpoint!r}")
+
+
+def _check_model(model: ModelConfig) -> None:
+    from image_embeddings.embedder import MODELS, is_weights_spec
+
+    if model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {model.name!r} (registered: {', '.join(sorted(MODELS))})")
+    if not is_weights_spec(model.weights):
+        raise ConfigError(f"model.weights: expected imagenet, random:SEED, a file path or an s3:// URI, "
+                          f"got {model.weights!r}")
+    if model.batch_size < 1 or model.arrow_batch_rows < 1:
+        raise ConfigError("model.batch_size: and model.arrow_batch_rows must be positive")
+    if model.threads is not None and model.threads < 1:
+        raise ConfigError("model.threads: must be positive")
+    if model.partitions is not None and model.partitions < 1:
+        raise ConfigError("model.partitions: must be positive")
 
 
 _SCHEMES = ("file", "s3", "s3a", "dbfs", "hdfs", "abfss", "gs", "wasbs")

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
-from image_embeddings.report import RunReport, new_run_id, publish, utcnow
+from image_embeddings.report import RunReport, errors_by_reason, new_run_id, publish, utcnow
 from image_embeddings.tables import merge_changes, overwrite, read_table, table_version
 
 if TYPE_CHECKING:
@@ -102,7 +102,13 @@ def read_sales(spark: SparkSession, location: str, key: str) -> DataFrame:
     if key != "image_id" and "image_id" in sales.columns:
         raise IngestError(f"input.sales_key: the sales table has both {key!r} and 'image_id'; "
                           "rename one of them")
-    return sales.withColumn(key, F.col(key).cast("string")).withColumnRenamed(key, "image_id")
+    column = F.col(key)
+    if dict(sales.dtypes)[key] in ("float", "double"):
+        # A whole-number float key (an int column with gaps, saved by pandas) joins as "12", not "12.0".
+        column = F.when(column == F.floor(column), column.cast("long").cast("string")).otherwise(column.cast("string"))
+    else:
+        column = column.cast("string")
+    return sales.withColumn(key, column).withColumnRenamed(key, "image_id")
 
 
 def _escape_glob(location: str) -> str:
@@ -157,7 +163,8 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
         .when(F.col("_old_size").isNull(), F.lit("new"))
         .when((F.col("file_size") != F.col("_old_size"))
               | (F.col("modification_time") != F.col("_old_mtime"))
-              | (F.col("preprocess_id") != F.col("_old_preprocess")), F.lit("changed"))
+              | (F.col("preprocess_id") != F.col("_old_preprocess"))
+              | ~F.col("image_id").eqNullSafe(F.col("_old_image_id")), F.lit("changed"))
         .when((old_reason == "unreadable")
               | ((old_reason == "too_large") & (F.col("file_size") <= max_file_bytes)), F.lit("retry"))
         .otherwise(F.lit("unchanged"))
@@ -166,7 +173,7 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
         joined.withColumn("preprocess_id", F.lit(preprocess_id))
         .withColumn("status", status)
         .where(F.col("status").isNotNull())
-        .withColumn("image_id", F.coalesce("image_id", "_old_image_id"))
+        .withColumn("image_id", F.when(F.col("_listed"), F.col("image_id")).otherwise(F.col("_old_image_id")))
         .select("path", "file_size", "modification_time", "image_id", "status")
     )
 
@@ -274,11 +281,14 @@ def join_sales(images: DataFrame, sales: DataFrame, how: str) -> DataFrame:
 
 
 def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run_id", "updated_at")) -> Column:
-    """A 64-bit hash of every column but the excluded ones, to find rows that changed."""
+    """A 64-bit hash of every column but the excluded ones, to find rows that changed.
+
+    ``xxhash64`` skips nulls, so each column's null flag is hashed too: ``(1, null)`` and ``(null, 1)`` differ.
+    """
     from pyspark.sql import functions as F
 
     columns = [F.col(f"`{c}`") for c in sorted(df.columns) if c not in exclude]
-    return F.xxhash64(*columns)
+    return F.xxhash64(*columns, *(c.isNull() for c in columns))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,7 +365,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             m["files_read"] = int(stats["read"])
             m["files_decoded"] = int(stats["read"])
             m["bytes_read"] = int(stats["bytes"] or 0)
-            m["errors"] = _errors_by_reason(processed)
+            m["errors"] = errors_by_reason(processed)
             removed = plan.where(F.col("status") == "removed").select("path")
             if int(stats["rows"]) or m["files_removed"] or files is None:
                 merge_changes(spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path")
@@ -368,21 +378,13 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
 
     all_files = read_table(spark, out.files_table_path)
     assert all_files is not None
-    m["errors_total"] = _errors_by_reason(all_files)
+    m["errors_total"] = errors_by_reason(all_files)
     images = resolve_duplicates(all_files)
     _sales_match_counts(images, sales, m)
     desired = join_sales(images, sales, inp.join)
     _update_images_table(spark, desired, out.images_table, report)
     m["images_table_version"] = table_version(spark, out.images_table)
     m["stage_seconds"] = round(time.monotonic() - started, 3)
-
-
-def _errors_by_reason(df: DataFrame) -> dict[str, int]:
-    from pyspark.sql import functions as F
-
-    reasons = df.where(F.col("error").isNotNull()).groupBy(
-        F.substring_index(F.col("error"), ":", 1).alias("reason")).count().collect()
-    return {r["reason"]: int(r["count"]) for r in sorted(reasons, key=lambda r: r["reason"])}
 
 
 def _check_sales_keys(sales: DataFrame, key: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ def redact(data: Any) -> Any:
     if isinstance(data, list):
         return [redact(v) for v in data]
     return data
+
+
+def errors_by_reason(df: DataFrame) -> dict[str, int]:
+    """Count the rows of ``df`` with an ``error``, by its reason (the text before the first colon)."""
+    from pyspark.sql import functions as F
+
+    rows = df.where(F.col("error").isNotNull()).groupBy(
+        F.substring_index(F.col("error"), ":", 1).alias("reason")).count().collect()
+    return {r["reason"]: int(r["count"]) for r in sorted(rows, key=lambda r: r["reason"])}
 
 
 def publish(report: RunReport, spark: SparkSession | None, runs_table: str | None,

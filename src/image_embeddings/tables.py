@@ -36,8 +36,8 @@ def table_version(spark: SparkSession, path: str) -> int | None:
 
 
 def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: DataFrame | None,
-                  key: str) -> None:
-    """Insert or replace ``upserts`` and delete the ``key`` values in ``deletes``, in one Delta commit.
+                  key: str | list[str]) -> None:
+    """Insert or replace ``upserts`` and delete the ``key`` rows listed in ``deletes``, in one Delta commit.
 
     Creates the table from ``upserts`` when it does not exist yet. Readers see either the old version or
     the new one, never a part of the change.
@@ -49,15 +49,17 @@ def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: D
         upserts.write.format("delta").mode("errorifexists").save(path)
         log.info("created delta table %s", path)
         return
+    keys = [key] if isinstance(key, str) else key
     columns = upserts.columns
     source = upserts.withColumn("_delete", F.lit(False))
     if deletes is not None:
-        source = source.unionByName(deletes.select(key).withColumn("_delete", F.lit(True)),
+        source = source.unionByName(deletes.select(*keys).withColumn("_delete", F.lit(True)),
                                     allowMissingColumns=True)
+    condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
     values: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in columns}
     (
         DeltaTable.forPath(spark, path).alias("t")
-        .merge(source.alias("s"), f"t.`{key}` = s.`{key}`")
+        .merge(source.alias("s"), condition)
         .whenMatchedDelete(condition="s._delete")
         .whenMatchedUpdate(set=values)
         .whenNotMatchedInsert(condition="NOT s._delete", values=values)

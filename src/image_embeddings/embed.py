@@ -1,0 +1,200 @@
+"""Stage 2: embed the images table's downscaled images into ``output.embeddings_table``.
+
+Rows are keyed by ``image_id`` and ``model_key`` (model name, weights checksum, preprocessing and
+normalization): a second model or new weights add rows of their own, never mix with the old ones. An image
+is embedded again only when its content sha256 changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from image_embeddings.config import AppConfig
+from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
+from image_embeddings.report import RunReport, errors_by_reason, new_run_id, publish, utcnow
+from image_embeddings.tables import merge_changes, read_table, table_version
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+EMBED_STRUCT = ("embedding ARRAY<FLOAT>, error STRING, device STRING, precision STRING, worker_pid INT, "
+                "model_loads INT, worker_batches INT")
+EMBEDDING_COLUMNS = ("image_id", "model_key", "sha256", "embedding", "model", "weights_checksum", "preprocess_id",
+                     "normalized", "precision", "device", "error", "run_id", "embedded_at")
+
+
+class EmbedError(RuntimeError):
+    """Stage 2 cannot run with this input or config; the message says what to fix."""
+
+
+def embedder_settings(config: AppConfig, weights: Weights) -> EmbedderSettings:
+    """The picklable settings every Python worker builds its embedder from."""
+    m = config.model
+    return EmbedderSettings(model=m.name, weights=m.weights, device=m.device, precision=m.precision,
+                            batch_size=m.batch_size, normalize=m.normalize, cache_dir=m.cache_dir,
+                            threads=m.threads, s3=S3Access(config.s3.endpoint, config.s3.region),
+                            checksum=weights.checksum)
+
+
+def model_key(model: str, weights_checksum: str, preprocess_id: str, normalized: bool) -> str:
+    """A short identity of everything that decides an embedding's value, stored with every row."""
+    text = f"{model}|{weights_checksum}|{preprocess_id}|{'l2' if normalized else 'raw'}"
+    return f"{model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+_BATCHES = [0]  # batches embedded by this Python worker process (reported, to show model reuse)
+
+
+def embed_column(image: Column, settings: EmbedderSettings) -> Column:
+    """A struct column (embedding, error, device, precision, worker_pid, model_loads) from JPEG bytes.
+
+    An Iterator pandas UDF: the model is loaded on the first batch a Python worker sees and kept in the
+    process for every later batch and task (:func:`image_embeddings.embedder.cached_embedder`).
+    """
+    from collections.abc import Iterator
+
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    def _embed(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        import os
+
+        from image_embeddings.embedder import cached_embedder, load_count
+
+        embedder = None
+        for batch in batches:
+            if embedder is None:
+                embedder = cached_embedder(settings)
+            result = embedder.embed(list(batch))
+            _BATCHES[0] += 1
+            pairs = zip(result.embeddings, result.errors, strict=True)
+            vectors = [None if err is not None else row for row, err in pairs]
+            yield pd.DataFrame({
+                "embedding": pd.Series(vectors, dtype=object),
+                "error": pd.Series(result.errors, dtype=object),
+                "device": embedder.device,
+                "precision": embedder.precision,
+                "worker_pid": os.getpid(),
+                "model_loads": load_count(),
+                "worker_batches": _BATCHES[0],
+            })
+
+    # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.
+    _embed.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
+    return pandas_udf(_embed, EMBED_STRUCT)(image)  # type: ignore[call-overload]
+
+
+def select_todo(images: DataFrame, embeddings: DataFrame | None, key: str) -> DataFrame:
+    """Images with pixels and no embedding yet for their content sha256 under model ``key``."""
+    from pyspark.sql import functions as F
+
+    candidates = images.where(F.col("image").isNotNull()).select("image_id", "sha256", "image")
+    if embeddings is None:
+        return candidates
+    done = embeddings.where(F.col("model_key") == key).select("image_id", "sha256")
+    return candidates.join(done, ["image_id", "sha256"], "left_anti")
+
+
+def stale_rows(images: DataFrame, embeddings: DataFrame | None, key: str) -> DataFrame | None:
+    """Keys of this model's rows whose image is gone from the images table (or lost its pixels)."""
+    from pyspark.sql import functions as F
+
+    if embeddings is None:
+        return None
+    live = images.where(F.col("image").isNotNull()).select("image_id")
+    return (embeddings.where(F.col("model_key") == key).select("image_id", "model_key")
+            .join(live, "image_id", "left_anti"))
+
+
+def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
+    """The embeddings joined with the images table's sales columns (the article's combined table)."""
+    embeddings = spark.read.format("delta").load(config.output.embeddings_table)
+    images = spark.read.format("delta").load(config.output.images_table)
+    own = {"path", "file_size", "modification_time", "sha256", "width", "height", "image", "error", "preprocess_id",
+           "run_id", "ingested_at", "duplicate_files", "updated_run_id", "updated_at"}
+    sales = [c for c in images.columns if c not in own]
+    return embeddings.join(images.select(*sales), "image_id", "left")
+
+
+def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
+              report_file: str | None = None) -> RunReport:
+    """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""
+    report = RunReport(run_id=run_id or new_run_id("embed"), stage="embed", started_at=utcnow())
+    try:
+        _embed_stage(spark, config, report)
+    except BaseException as exc:
+        report.finish("failed", exc)
+        publish(report, spark, config.output.runs_table, report_file)
+        raise
+    report.finish("succeeded")
+    seconds = max(float(report.metrics.get("embed_seconds") or 0.0), 1e-6)
+    report.metrics["images_per_second"] = round(report.metrics.get("embedded", 0) / seconds, 2)
+    publish(report, spark, config.output.runs_table, report_file)
+    return report
+
+
+def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    out, mc = config.output, config.model
+    spec = model_spec(mc.name)
+    if config.preprocess.size != spec.input_size:
+        raise EmbedError(f"preprocess.size: {mc.name} takes {spec.input_size}x{spec.input_size} images, "
+                         f"but stage 1 wrote {config.preprocess.size}x{config.preprocess.size}")
+    images = read_table(spark, out.images_table)
+    if images is None:
+        raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
+    weights = resolve_weights(mc.weights, spec, mc.cache_dir, S3Access(config.s3.endpoint, config.s3.region))
+    settings = embedder_settings(config, weights)
+    preprocess_id = config.preprocess.preprocess_id
+    key = model_key(mc.name, weights.checksum, preprocess_id, mc.normalize)
+    m = report.metrics
+    m.update(model=mc.name, model_key=key, weights=mc.weights, weights_checksum=weights.checksum)
+
+    existing = read_table(spark, out.embeddings_table)
+    todo = select_todo(images, existing, key)
+    if mc.partitions:
+        todo = todo.repartition(mc.partitions)
+    stale = stale_rows(images, existing, key)
+    m["rows_considered"] = images.count()
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(mc.arrow_batch_rows))
+    embedded_at = utcnow()
+    started = time.monotonic()
+    result = todo.withColumn("_e", embed_column(F.col("image"), settings)).select(
+        "image_id", F.lit(key).alias("model_key"), "sha256", F.col("_e.embedding").alias("embedding"),
+        F.lit(mc.name).alias("model"), F.lit(weights.checksum).alias("weights_checksum"),
+        F.lit(preprocess_id).alias("preprocess_id"), F.lit(mc.normalize).alias("normalized"),
+        F.col("_e.precision").alias("precision"), F.col("_e.device").alias("device"),
+        F.col("_e.error").alias("error"), F.lit(report.run_id).alias("run_id"),
+        F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
+        F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
+        F.col("_e.worker_batches").alias("_batches"),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+        assert stats is not None
+        m["embed_seconds"] = round(time.monotonic() - started, 3)
+        workers = result.groupBy("_pid").agg(F.max("_loads").alias("loads"), F.max("_batches").alias("batches"),
+                                             F.min("_batches").alias("first")).collect()
+        m["python_workers"] = len(workers)
+        m["model_loads"] = sum(int(r["loads"]) for r in workers)
+        m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
+        m["embedded"] = int(stats["ok"])
+        m["errors"] = errors_by_reason(result)
+        m["device"] = sorted({r[0] for r in result.select("device").distinct().collect() if r[0]})
+        m["precision"] = sorted({r[0] for r in result.select("precision").distinct().collect() if r[0]})
+        n_stale = stale.count() if stale is not None else 0
+        m["skipped"] = m["rows_considered"] - int(stats["rows"])
+        m["removed"] = n_stale
+        if int(stats["rows"]) or n_stale or existing is None:
+            merge_changes(spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale,
+                          ["image_id", "model_key"])
+    finally:
+        result.unpersist()
+    m["embeddings_table_version"] = table_version(spark, out.embeddings_table)

@@ -1,0 +1,418 @@
+"""The model side of stage 2, in plain Python: a registry of headless torchvision backbones, weights
+resolution (ImageNet, local file, S3, random), and an :class:`Embedder` that turns JPEG bytes into
+float32 embeddings in batches. Nothing here imports Spark; torch is imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class WeightsError(RuntimeError):
+    """Model weights cannot be found, fetched or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One backbone: how to build it (with its head), the head to strip, its output size and input."""
+
+    name: str
+    dim: int
+    build: Callable[[], Any]
+    strip_head: Callable[[Any], Any]
+    head_prefixes: tuple[str, ...]
+    imagenet: Callable[[], Any]
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def _identity() -> Any:
+    import torch
+
+    return torch.nn.Identity()
+
+
+def _resnet50() -> Any:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None)
+
+
+def _resnet50_headless(model: Any) -> Any:
+    model.fc = _identity()
+    return model
+
+
+def _resnet50_imagenet() -> Any:
+    from torchvision.models import ResNet50_Weights
+
+    return ResNet50_Weights.DEFAULT
+
+
+def _vit_b_16() -> Any:
+    from torchvision.models import vit_b_16
+
+    return vit_b_16(weights=None)
+
+
+def _vit_headless(model: Any) -> Any:
+    model.heads = _identity()
+    return model
+
+
+def _vit_b_16_imagenet() -> Any:
+    from torchvision.models import ViT_B_16_Weights
+
+    return ViT_B_16_Weights.DEFAULT
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet50": ModelSpec("resnet50", 2048, _resnet50, _resnet50_headless, ("fc.",), _resnet50_imagenet),
+    "vit_b_16": ModelSpec("vit_b_16", 768, _vit_b_16, _vit_headless, ("heads.",), _vit_b_16_imagenet),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """Return the registered model ``name``."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Resolved weights: ``kind`` is imagenet, file or random; ``checksum`` identifies them."""
+
+    kind: str
+    checksum: str
+    source: str
+    path: str | None = None
+    seed: int | None = None
+
+
+_RANDOM = re.compile(r"^random:(\d+)$")
+
+
+def is_weights_spec(spec: str) -> bool:
+    """Return True when ``spec`` has one of the accepted forms (imagenet, random:SEED, path, s3 URI)."""
+    if spec == "imagenet" or _RANDOM.match(spec) or spec.startswith(("s3://", "s3a://")):
+        return True
+    return bool(spec) and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec)
+
+
+def resolve_weights(spec: str, model: ModelSpec, cache_dir: str, s3: S3Access | None = None) -> Weights:
+    """Find or fetch the weights named by ``spec``; never falls back to other weights."""
+    seed = _RANDOM.match(spec)
+    if seed:
+        return Weights("random", f"random:{seed.group(1)}", spec, seed=int(seed.group(1)))
+    if spec == "imagenet":
+        path = _imagenet_file(model)
+        return Weights("imagenet", "sha256:" + file_sha256(path), spec, path=path)
+    if spec.startswith(("s3://", "s3a://")):
+        path = fetch_s3(spec, cache_dir, s3 or S3Access())
+        return Weights("file", "sha256:" + file_sha256(path), spec, path=path)
+    local = Path(spec[len("file:"):] if spec.startswith("file:") else spec).expanduser()
+    if not local.is_file():
+        raise WeightsError(f"model.weights: no weights file at {local}")
+    return Weights("file", "sha256:" + file_sha256(str(local)), spec, path=str(local))
+
+
+def _imagenet_file(model: ModelSpec) -> str:
+    """Return torchvision's published weights file from its cache (``$TORCH_HOME``), downloading it once."""
+    import torch.hub
+
+    weights = model.imagenet()
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not target.is_file():
+        try:
+            torch.hub.download_url_to_file(weights.url, str(target), hash_prefix=None, progress=False)
+        except Exception as exc:
+            raise WeightsError(
+                f"model.weights=imagenet: cannot download {weights.url} ({type(exc).__name__}: {exc}). "
+                f"Without network, download it elsewhere and either put it at {target} (TORCH_HOME is "
+                "respected) or pass it with model.weights=/path/to/file.pth or model.weights=s3://bucket/key"
+            ) from exc
+    return str(target)
+
+
+def file_sha256(path: str) -> str:
+    """Return the hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How boto3 reaches S3 (credentials always from the default provider chain)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+
+
+def fetch_s3(uri: str, cache_dir: str, s3: S3Access) -> str:
+    """Download ``s3://bucket/key`` once per machine into ``cache_dir``; concurrent workers wait on a lock."""
+    import boto3
+    from botocore.config import Config
+
+    match = re.match(r"^s3a?://([^/]+)/(.+)$", uri)
+    if not match:
+        raise WeightsError(f"model.weights: not an s3://bucket/key URI: {uri}")
+    bucket, key = match.groups()
+    folder = Path(cache_dir).expanduser() / hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / os.path.basename(key)
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region,
+                          config=Config(s3={"addressing_style": "path"} if s3.endpoint else {},
+                                        retries={"max_attempts": 5, "mode": "standard"}))
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            etag = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+            stamp = folder / ".etag"
+            if target.is_file() and stamp.is_file() and stamp.read_text() == etag:
+                return str(target)
+            partial = folder / (target.name + ".part")
+            client.download_file(bucket, key, str(partial))
+            partial.replace(target)
+            stamp.write_text(etag)
+            log.info("downloaded %s into %s (sha256 %s)", uri, target, file_sha256(str(target)))
+        except WeightsError:
+            raise
+        except Exception as exc:
+            raise WeightsError(f"model.weights: cannot download {uri}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(target)
+
+
+def load_model(model: ModelSpec, weights: Weights) -> Any:
+    """Build the headless backbone with ``weights`` loaded (strictly: no missing or unexpected keys)."""
+    import torch
+
+    if weights.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed or 0)
+            net = model.build()
+        return model.strip_head(net).eval()
+    net = model.build()
+    assert weights.path is not None
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"model.weights: {weights.source} is not a loadable PyTorch weights file: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"model.weights: {weights.source} holds {type(state).__name__}, not a state dict")
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(model.head_prefixes)]
+    if missing or result.unexpected_keys:
+        raise WeightsError(
+            f"model.weights: {weights.source} does not fit {model.name}: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}")
+    return model.strip_head(net).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the embedder
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """Everything an executor needs to build the same embedder as the driver (plain, picklable values)."""
+
+    model: str
+    weights: str
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    normalize: bool = True
+    cache_dir: str = "~/.cache/image-embeddings"
+    threads: int | None = None
+    s3: S3Access = field(default_factory=S3Access)
+    checksum: str | None = None  # when set, the weights found must have this checksum
+
+
+@dataclass
+class EmbedResult:
+    """``embeddings`` is (n, dim) float32 with NaN rows where ``errors`` holds a message."""
+
+    embeddings: np.ndarray
+    errors: list[str | None]
+
+
+def has_amx() -> bool:
+    """True when the CPU has AMX bf16 tiles (bf16 matrix maths as fast as or faster than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return any("amx_bf16" in line for line in handle if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def pick_device(device: str) -> str:
+    """Resolve ``auto`` to cuda when a GPU is visible, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is visible to this process")
+    return device
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """Resolve ``auto``: bf16 on CUDA GPUs that support it and on CPUs with AMX, fp32 elsewhere."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_amx() else "fp32"
+
+
+class Embedder:
+    """A loaded model that embeds JPEG (or any Pillow-readable) image bytes in batches."""
+
+    def __init__(self, settings: EmbedderSettings, weights: Weights | None = None) -> None:
+        import torch
+
+        self.settings = settings
+        self.spec = model_spec(settings.model)
+        self.weights = weights or resolve_weights(settings.weights, self.spec, settings.cache_dir, settings.s3)
+        if settings.checksum and settings.checksum != self.weights.checksum:
+            raise WeightsError(f"model.weights: {settings.weights} has checksum {self.weights.checksum} here but "
+                               f"{settings.checksum} where the run started; the weights changed during the run")
+        self.device = pick_device(settings.device)
+        self.precision = pick_precision(settings.precision, self.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        net = load_model(self.spec, self.weights).to(self.device)
+        self.model = net.to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.spec.mean, device=self.device).view(shape) * 255.0
+        self._std = torch.tensor(self.spec.std, device=self.device).view(shape) * 255.0
+
+    @property
+    def dim(self) -> int:
+        """Size of one embedding."""
+        return self.spec.dim
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device, dtype=dtype)
+
+    def _decode(self, data: bytes | None) -> np.ndarray:
+        from PIL import Image
+
+        if data is None or len(data) == 0:
+            raise ValueError("empty: no image bytes")
+        size = self.spec.input_size
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size != (size, size):
+                raise ValueError(f"wrong_size: {im.size[0]}x{im.size[1]}, {self.spec.name} expects {size}x{size}")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed a uint8 (n, 3, H, W) tensor; returns float32 (n, dim) on the CPU."""
+        import torch
+
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, pixels.shape[0], self.settings.batch_size):
+                chunk = pixels[start: start + self.settings.batch_size]
+                chunk = chunk.to(self.device, non_blocking=True).float()
+                chunk = ((chunk - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    features = self.model(chunk)
+                features = features.float()
+                if self.settings.normalize:
+                    features = torch.nn.functional.normalize(features, dim=1)
+                outputs.append(features.cpu())
+        return torch.cat(outputs) if outputs else torch.empty((0, self.dim))
+
+    def embed(self, images: Sequence[bytes | None]) -> EmbedResult:
+        """Embed image bytes; a row that cannot be decoded gets a NaN embedding and an error, never an exception."""
+        import torch
+
+        errors: list[str | None] = [None] * len(images)
+        arrays: list[np.ndarray] = []
+        good: list[int] = []
+        for i, data in enumerate(images):
+            try:
+                arrays.append(self._decode(data))
+                good.append(i)
+            except Exception as exc:
+                message = str(exc)
+                errors[i] = message if re.match(r"^[a-z_]+: ", message) else f"decode_error: {message}"
+        out = np.full((len(images), self.dim), np.nan, dtype=np.float32)
+        if arrays:
+            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            if self.device == "cuda":
+                pixels = pixels.pin_memory()
+            out[good] = self.embed_pixels(pixels).numpy()
+        return EmbedResult(out, errors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one model per Python worker process
+
+_LOCK = threading.Lock()
+_EMBEDDERS: dict[EmbedderSettings, Embedder] = {}
+_LOADS = 0
+
+
+def cached_embedder(settings: EmbedderSettings) -> Embedder:
+    """Return this process's embedder for ``settings``, loading the model only the first time."""
+    global _LOADS
+    with _LOCK:
+        embedder = _EMBEDDERS.get(settings)
+        if embedder is None:
+            embedder = Embedder(settings)
+            _EMBEDDERS[settings] = embedder
+            _LOADS += 1
+            log.info("loaded %s (%s, %s, %s) in process %d", settings.model, embedder.weights.checksum[:19],
+                     embedder.device, embedder.precision, os.getpid())
+        return embedder
+
+
+def load_count() -> int:
+    """How many models this process has loaded so far."""
+    return _LOADS
