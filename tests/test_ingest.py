@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import cases, write_cases
 from PIL import Image
 
 from image_embeddings.ingest import IngestError, run_ingest
 from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
 from image_embeddings.tables import table_version
+
+from hostile import cases, write_cases
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 2_000_000

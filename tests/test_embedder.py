@@ -1,0 +1,166 @@
+"""The pure-Python embedder: registry, weights, precision, per-row errors, equivalence with torchvision."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from image_embeddings.embedder import (
+    MODELS,
+    Embedder,
+    EmbedderSettings,
+    S3Access,
+    WeightsError,
+    cached_embedder,
+    file_sha256,
+    load_count,
+    model_spec,
+    resolve_weights,
+)
+from image_embeddings.images import downscale
+from image_embeddings.sample import PHOTOS, encode, photo
+
+from reference import assert_same_embeddings, make_weights, reference_embeddings
+
+SOME = ("astronaut", "coffee", "rocket", "chelsea", "camera", "retina")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("w") / "resnet50-test.pth")
+
+
+@pytest.fixture(scope="module")
+def thumbs() -> list[bytes]:
+    """Stage 1 output for real photos: 224x224 JPEG bytes."""
+    out = []
+    for name in SOME:
+        result = downscale(encode(photo(name)))
+        assert result.image is not None
+        out.append(result.image)
+    return out
+
+
+def test_registry_has_resnet50_and_a_second_backbone_is_one_entry() -> None:
+    assert (model_spec("resnet50").dim, model_spec("vit_b_16").dim) == (2048, 768)
+    with pytest.raises(ValueError, match="unknown model 'resnet18'; registered: resnet50, vit_b_16"):
+        model_spec("resnet18")
+    vit = Embedder(EmbedderSettings("vit_b_16", "random:0", device="cpu", precision="fp32"))
+    result = vit.embed([downscale(encode(photo("astronaut"))).image])
+    assert result.embeddings.shape == (1, 768) and result.errors == [None]
+    assert abs(float(np.linalg.norm(result.embeddings[0])) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize(("precision", "min_cosine"), [("fp32", 0.9999), ("bf16", 0.999)])
+def test_equivalent_to_torchvision_on_the_same_weights_and_pixels(weights: Path, thumbs: list[bytes],
+                                                                  precision: str, min_cosine: float) -> None:
+    embedder = Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision=precision,
+                                         batch_size=4))
+    result = embedder.embed(thumbs)
+    assert result.errors == [None] * len(thumbs)
+    assert result.embeddings.shape == (len(thumbs), 2048) and result.embeddings.dtype == np.float32
+    assert_same_embeddings(result.embeddings, reference_embeddings(weights, thumbs), min_cosine)
+
+
+def test_raw_features_when_normalize_is_off(weights: Path, thumbs: list[bytes]) -> None:
+    embedder = Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision="fp32",
+                                         normalize=False))
+    ours = embedder.embed(thumbs[:3]).embeddings
+    ref = reference_embeddings(weights, thumbs[:3], normalize=False)
+    assert np.allclose(ours, ref, rtol=1e-3, atol=1e-4)
+    assert not np.allclose(np.linalg.norm(ours, axis=1), 1.0)
+
+
+def test_a_broken_row_among_good_ones(weights: Path, thumbs: list[bytes]) -> None:
+    embedder = Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision="fp32"))
+    wrong_size = encode(photo("coffee"))  # 600x400: not what stage 1 writes
+    result = embedder.embed([thumbs[0], b"junk", None, wrong_size, thumbs[1]])
+    assert result.errors[0] is None and result.errors[4] is None
+    assert result.errors[1].startswith("decode_error: ")
+    assert result.errors[2] == "empty: no image bytes"
+    assert result.errors[3] == "wrong_size: 600x400, resnet50 expects 224x224"
+    assert np.isnan(result.embeddings[1:4]).all()
+    alone = embedder.embed([thumbs[0], thumbs[1]]).embeddings
+    assert np.allclose(result.embeddings[[0, 4]], alone, atol=1e-5)
+
+
+def test_weights_from_a_file_are_checked_and_never_replaced(weights: Path, tmp_path: Path) -> None:
+    resolved = resolve_weights(str(weights), MODELS["resnet50"], str(tmp_path))
+    assert resolved.checksum == "sha256:" + file_sha256(str(weights))
+    with pytest.raises(WeightsError, match="no weights file at"):
+        resolve_weights(str(tmp_path / "missing.pth"), MODELS["resnet50"], str(tmp_path))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="is not a loadable PyTorch weights file"):
+        Embedder(EmbedderSettings("resnet50", str(tmp_path / "junk.pth"), device="cpu"))
+    vit = make_weights(tmp_path / "vit.pth", model="vit_b_16")
+    with pytest.raises(WeightsError, match="does not fit resnet50: missing"):
+        Embedder(EmbedderSettings("resnet50", str(vit), device="cpu"))
+    with pytest.raises(WeightsError, match="the weights changed during the run"):
+        Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", checksum="sha256:0000"))
+
+
+def test_imagenet_without_network_fails_with_how_to_pass_a_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # Route any download to a closed local port, so the outcome is the same with or without network.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("imagenet", MODELS["resnet50"], str(tmp_path))
+    message = str(info.value)
+    assert "model.weights=imagenet: cannot download https://download.pytorch.org/models/resnet50-" in message
+    assert f"put it at {tmp_path / 'torch' / 'hub' / 'checkpoints'}/resnet50-" in message
+    assert "model.weights=/path/to/file.pth or model.weights=s3://bucket/key" in message
+
+
+def test_imagenet_weights_are_read_from_the_torch_cache(weights: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(
+        torchvision.models.ResNet50_Weights.DEFAULT.url)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(weights.read_bytes())
+    resolved = resolve_weights("imagenet", MODELS["resnet50"], str(tmp_path))
+    assert (resolved.kind, resolved.path) == ("imagenet", str(cached))
+    assert resolved.checksum == "sha256:" + file_sha256(str(weights))
+
+
+def test_weights_from_s3_are_downloaded_once(s3_server: Any, weights: Path, tmp_path: Path) -> None:
+    client = s3_server.client()
+    client.create_bucket(Bucket="models")
+    client.upload_file(str(weights), "models", "resnet/weights.pth")
+    access = S3Access(endpoint=s3_server.endpoint)
+    first = resolve_weights("s3a://models/resnet/weights.pth", MODELS["resnet50"], str(tmp_path), access)
+    assert first.checksum == "sha256:" + file_sha256(str(weights))
+    assert Path(first.path).read_bytes() == weights.read_bytes()
+    mtime = os.stat(first.path).st_mtime_ns
+    again = resolve_weights("s3://models/resnet/weights.pth", MODELS["resnet50"], str(tmp_path), access)
+    assert again.path == first.path and os.stat(again.path).st_mtime_ns == mtime, "served from the cache"
+    with pytest.raises(WeightsError, match="cannot download s3://models/nothing.pth"):
+        resolve_weights("s3://models/nothing.pth", MODELS["resnet50"], str(tmp_path), access)
+
+
+def test_cached_embedder_loads_once_per_process() -> None:
+    settings = EmbedderSettings("resnet50", "random:3", device="cpu", precision="fp32")
+    before = load_count()
+    first = cached_embedder(settings)
+    assert cached_embedder(settings) is first
+    assert load_count() == before + 1
+    assert first.weights.checksum == "random:3"
+
+
+def test_random_weights_are_deterministic() -> None:
+    image = downscale(encode(photo(PHOTOS[0]))).image
+    a = Embedder(EmbedderSettings("resnet50", "random:7", device="cpu", precision="fp32")).embed([image])
+    b = Embedder(EmbedderSettings("resnet50", "random:7", device="cpu", precision="fp32")).embed([image])
+    c = Embedder(EmbedderSettings("resnet50", "random:8", device="cpu", precision="fp32")).embed([image])
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert not np.allclose(a.embeddings, c.embeddings)
