@@ -47,9 +47,6 @@ def model_key(model: str, weights_checksum: str, preprocess_id: str, normalized:
     return f"{model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-_BATCHES = [0]  # batches embedded by this Python worker process (reported, to show model reuse)
-
-
 def embed_column(image: Column, settings: EmbedderSettings) -> Column:
     """A struct column (embedding, error, device, precision, worker_pid, model_loads) from JPEG bytes.
 
@@ -71,7 +68,6 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
             if embedder is None:
                 embedder = cached_embedder(settings)
             result = embedder.embed(list(batch))
-            _BATCHES[0] += 1
             pairs = zip(result.embeddings, result.errors, strict=True)
             vectors = [None if err is not None else row for row, err in pairs]
             yield pd.DataFrame({
@@ -81,7 +77,7 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
                 "precision": embedder.precision,
                 "worker_pid": os.getpid(),
                 "model_loads": load_count(),
-                "worker_batches": _BATCHES[0],
+                "worker_batches": embedder.calls,
             })
 
     # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.

@@ -322,6 +322,7 @@ class Embedder:
             torch.set_num_threads(settings.threads)
         net = load_model(self.spec, self.weights).to(self.device)
         self.model = net.to(memory_format=torch.channels_last)
+        self.calls = 0  # batches embedded so far by this instance
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(shape) * 255.0
         self._std = torch.tensor(self.spec.std, device=self.device).view(shape) * 255.0
@@ -372,6 +373,7 @@ class Embedder:
         """Embed image bytes; a row that cannot be decoded gets a NaN embedding and an error, never an exception."""
         import torch
 
+        self.calls += 1
         errors: list[str | None] = [None] * len(images)
         arrays: list[np.ndarray] = []
         good: list[int] = []

@@ -1,0 +1,128 @@
+"""Stage 2 end to end: ingest real photos, embed them under local Spark, compare with torchvision."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from image_embeddings.embed import EmbedError, embeddings_with_sales, run_embed
+from image_embeddings.embedder import file_sha256
+from image_embeddings.ingest import run_ingest
+from image_embeddings.sample import encode, photo, write_sales
+from image_embeddings.tables import table_version
+
+from reference import assert_same_embeddings, make_weights, reference_embeddings
+
+NAMES = ("astronaut", "coffee", "rocket", "chelsea", "camera", "retina", "coins", "moon")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("weights") / "resnet50-test.pth")
+
+
+def _rows(spark: Any, path: str) -> list[dict[str, Any]]:
+    return [r.asDict() for r in spark.read.format("delta").load(path).collect()]
+
+
+def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, make_config: Any, s3_server: Any,
+                                                                  weights: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in NAMES:
+        (folder / f"{name}.jpg").write_bytes(encode(photo(name)))
+    write_sales(tmp_path / "sales", list(NAMES))
+    client = s3_server.client()
+    client.create_bucket(Bucket="models-e2e")
+    client.upload_file(str(weights), "models-e2e", "resnet50.pth")
+    config = make_config(folder, tmp_path / "sales", "model.weights=s3a://models-e2e/resnet50.pth",
+                         "model.precision=fp32", f"model.cache_dir={tmp_path / 'cache'}", "model.partitions=4",
+                         "model.arrow_batch_rows=2", "model.batch_size=2")
+    run_ingest(spark, config)
+
+    first = run_embed(spark, config)
+    m = first.metrics
+    assert (m["rows_considered"], m["embedded"], m["skipped"], m["errors"]) == (len(NAMES), len(NAMES), 0, {})
+    assert m["device"] == ["cpu"] and m["precision"] == ["fp32"]
+    assert m["weights_checksum"] == "sha256:" + file_sha256(str(weights))
+    # Four tasks of two batches each ran in at most two Python workers, and each loaded the model once.
+    assert m["batches"] >= 4 > m["python_workers"] >= 1
+    assert m["model_loads"] == m["python_workers"]
+
+    rows = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
+    assert set(rows) == set(NAMES)
+    images = {r["image_id"]: r for r in _rows(spark, config.output.images_table)}
+    ours = np.array([rows[n]["embedding"] for n in NAMES], dtype=np.float32)
+    assert ours.shape == (len(NAMES), 2048)
+    ref = reference_embeddings(weights, [images[n]["image"] for n in NAMES])
+    assert_same_embeddings(ours, ref, 0.9999)
+    row = rows["astronaut"]
+    assert (row["model"], row["precision"], row["device"], row["normalized"], row["error"]) == (
+        "resnet50", "fp32", "cpu", True, None)
+    assert row["sha256"] == images["astronaut"]["sha256"]
+    assert row["preprocess_id"] == config.preprocess.preprocess_id
+    with_sales = {r["image_id"]: r for r in embeddings_with_sales(spark, config).collect()}
+    assert with_sales["coffee"]["units_sold"] == images["coffee"]["units_sold"]
+
+    version = table_version(spark, config.output.embeddings_table)
+    rerun = run_embed(spark, config)
+    assert (rerun.metrics["embedded"], rerun.metrics["skipped"]) == (0, len(NAMES))
+    assert table_version(spark, config.output.embeddings_table) == version, "a rerun writes nothing"
+
+    # A changed image is embedded again, replacing its row; a removed one loses its row.
+    (folder / "coffee.jpg").write_bytes(encode(photo("astronaut")[:, ::-1]))
+    os.utime(folder / "coffee.jpg", (time.time() + 5, time.time() + 5))
+    (folder / "moon.jpg").unlink()
+    run_ingest(spark, config)
+    changed = run_embed(spark, config)
+    assert (changed.metrics["embedded"], changed.metrics["removed"]) == (1, 1)
+    after = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
+    assert set(after) == set(NAMES) - {"moon"}
+    assert after["coffee"]["sha256"] != rows["coffee"]["sha256"] and after["coffee"]["run_id"] == changed.run_id
+    assert after["rocket"]["run_id"] == first.run_id
+
+    # A second model side by side: its own rows, the first model's rows untouched.
+    other = make_config(folder, tmp_path / "sales", "model.weights=random:1", "model.precision=bf16")
+    second = run_embed(spark, other)
+    assert second.metrics["embedded"] == len(NAMES) - 1
+    both = _rows(spark, config.output.embeddings_table)
+    assert len(both) == 2 * (len(NAMES) - 1)
+    keys = {r["model_key"] for r in both}
+    assert keys == {first.metrics["model_key"], second.metrics["model_key"]}
+    assert {r["weights_checksum"] for r in both if r["model_key"] == second.metrics["model_key"]} == {"random:1"}
+    kept = {r["image_id"]: r["embedding"] for r in both if r["model_key"] == first.metrics["model_key"]}
+    assert kept["rocket"] == after["rocket"]["embedding"]
+
+
+def test_a_broken_row_among_good_ones_and_clear_failures(spark: Any, make_config: Any, weights: Path,
+                                                         tmp_path: Path) -> None:
+    from image_embeddings.images import downscale
+
+    good = [downscale(encode(photo(n))).image for n in ("astronaut", "rocket")]
+    images = spark.createDataFrame(
+        [("a", "s1", good[0]), ("b", "s2", b"\xff\xd8 broken jpeg"), ("c", "s3", good[1]), ("d", "s4", None)],
+        "image_id STRING, sha256 STRING, image BINARY")
+    config = make_config(tmp_path / "unused", tmp_path / "unused", f"model.weights={weights}",
+                         "model.precision=fp32")
+    with pytest.raises(EmbedError, match="output.images_table: no Delta table"):
+        run_embed(spark, config)
+    images.write.format("delta").save(config.output.images_table)
+    report = run_embed(spark, config)
+    assert (report.metrics["rows_considered"], report.metrics["embedded"]) == (4, 2)
+    assert report.metrics["errors"] == {"decode_error": 1}
+    rows = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
+    assert set(rows) == {"a", "b", "c"}, "a row without pixels is not embedded"
+    assert rows["b"]["embedding"] is None and rows["b"]["error"].startswith("decode_error: ")
+    assert len(rows["a"]["embedding"]) == 2048 and rows["a"]["error"] is None
+
+    wrong = make_config(tmp_path / "unused", tmp_path / "unused", "preprocess.size=160", "model.weights=random:0",
+                        tables=tmp_path / "delta")
+    with pytest.raises(EmbedError, match="preprocess.size: resnet50 takes 224x224 images"):
+        run_embed(spark, wrong)
+    runs = [r.status for r in spark.read.format("delta").load(config.output.runs_table).collect()]
+    assert sorted(runs) == ["failed", "failed", "succeeded"]
