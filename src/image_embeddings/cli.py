@@ -69,7 +69,7 @@ def _run_stage(command: str, config: AppConfig, run_id: str | None, report_file:
     from image_embeddings.spark import get_spark
 
     stage = {"ingest": run_ingest, "embed": run_embed}[command]
-    spark = get_spark(config)
+    spark = get_spark(config, stage=command)
     try:
         report = stage(spark, config, run_id=run_id, report_file=report_file)
     except (IngestError, EmbedError, WeightsError) as exc:

@@ -80,6 +80,7 @@ class SparkConfig:
     ivy_dir: str | None = None
     arrow_max_records_per_batch: int = 32
     conf: dict[str, str] = field(default_factory=dict)
+    embed_conf: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -336,12 +337,13 @@ def _check(config: AppConfig) -> None:
     _check_model(config.model)
     if spark.arrow_max_records_per_batch < 1:
         raise ConfigError("spark.arrow_max_records_per_batch: must be positive")
-    for key in spark.conf:
-        if not key.startswith("spark."):
-            raise ConfigError(f"spark.conf.{key}: Spark settings must start with 'spark.'")
-        if _SECRET_KEY.search(key) and not key.endswith(".provider"):
-            raise ConfigError(f"spark.conf.{key}: secrets do not belong in config files; "
-                              "credentials come from the AWS default provider chain")
+    for section, settings in (("spark.conf", spark.conf), ("spark.embed_conf", spark.embed_conf)):
+        for key in settings:
+            if not key.startswith("spark."):
+                raise ConfigError(f"{section}.{key}: Spark settings must start with 'spark.'")
+            if _SECRET_KEY.search(key) and not key.endswith(".provider"):
+                raise ConfigError(f"{section}.{key}: secrets do not belong in config files; "
+                                  "credentials come from the AWS default provider chain")
     if s3.max_attempts < 1 or s3.retry_limit < 0:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
     if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):

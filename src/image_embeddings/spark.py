@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def session_settings(config: AppConfig) -> dict[str, str]:
-    """Static settings applied when the session is created here (Delta, S3A, jars, extra conf)."""
+def session_settings(config: AppConfig, stage: str | None = None) -> dict[str, str]:
+    """Static settings applied when the session is created here (Delta, S3A, jars, extra conf).
+
+    ``stage="embed"`` adds ``spark.embed_conf`` (GPU scheduling for the embedding stage).
+    """
     spark, s3 = config.spark, config.s3
     settings: dict[str, str] = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -40,6 +43,8 @@ def session_settings(config: AppConfig) -> dict[str, str]:
         settings["spark.jars.ivy"] = str(Path(spark.ivy_dir).expanduser().resolve())
     settings.update(runtime_settings(config))
     settings.update(spark.conf)
+    if stage == "embed":
+        settings.update(spark.embed_conf)
     return settings
 
 
@@ -51,7 +56,7 @@ def runtime_settings(config: AppConfig) -> dict[str, str]:
     }
 
 
-def get_spark(config: AppConfig) -> SparkSession:
+def get_spark(config: AppConfig, stage: str | None = None) -> SparkSession:
     """Return the active SparkSession (notebook, Databricks, spark-submit) or create one from config."""
     from pyspark.sql import SparkSession
 
@@ -63,7 +68,7 @@ def get_spark(config: AppConfig) -> SparkSession:
         if (config.spark.master or "").startswith("local"):
             # Local Python workers run this interpreter, which has the package and its dependencies.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        for key, value in session_settings(config).items():
+        for key, value in session_settings(config, stage).items():
             builder = builder.config(key, value)
         spark = builder.getOrCreate()
         log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
