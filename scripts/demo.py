@@ -1,4 +1,5 @@
-"""The demo: build a sample of real photos with a sales table, then run the pipeline on local Spark and Delta."""
+"""`make demo`: a sample of real photos and their variants with a sales table, both stages on local Spark
+and Delta, a short summary and the five nearest neighbours of three photos."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ from pathlib import Path
 
 from image_embeddings.cli import configure_logging
 from image_embeddings.config import load_config
-from image_embeddings.ingest import run_ingest
+from image_embeddings.embed import resolve_config_weights
+from image_embeddings.embedder import WeightsError
+from image_embeddings.pipeline import run_pipeline
 from image_embeddings.sample import write_sample
+from image_embeddings.similar import similar
 from image_embeddings.spark import get_spark
+
+QUERIES = ("astronaut", "coffee", "chelsea")
 
 
 def main() -> int:
@@ -20,23 +26,41 @@ def main() -> int:
     args = parser.parse_args()
     configure_logging("WARNING")
     config = load_config(args.config, args.overrides)
-    sample = Path(config.input.images).parent
-    if not Path(config.input.images).is_dir():
-        ids = write_sample(sample)
-        print(f"wrote {len(ids)} sample photos and a sales table under {sample}")
-    spark = get_spark(config)
-    report = run_ingest(spark, config, report_file=str(Path("demo") / "ingest-report.json"))
-    m = report.metrics
-    print("\nstage 1 (ingest)")
-    print(f"  files listed {m['files_listed']}  new {m['files_new']}  unchanged {m['files_unchanged']}  "
-          f"decoded {m['files_decoded']}  errors {m['errors'] or 'none'}")
-    print(f"  images {m['images']}  joined with sales {m['joined']}  images without sales "
-          f"{m['images_without_sales']}  sales without images {m['sales_without_images']}")
-    print(f"  {report.duration_s:.1f} s, {m['images_per_second']} images/s decoded")
-    print(f"  tables: {config.output.images_table} (images), {config.output.runs_table} (run reports)")
-    print("  report: demo/ingest-report.json")
+    images = Path(config.input.images)
+    if not images.is_dir():
+        ids = write_sample(images.parent)
+        print(f"wrote {len(ids)} sample photos (11 real photos and 3 variants of each) and a sales table "
+              f"under {images.parent}")
+    meaningful = True
+    try:
+        resolve_config_weights(config)
+    except WeightsError:
+        print(f"model.weights={config.model.weights} cannot be had here (no network?): running with random:0 "
+              "weights instead, so the neighbours below are NOT meaningful")
+        config = load_config(args.config, [*args.overrides, "model.weights=random:0"])
+        meaningful = False
+    spark = get_spark(config, stage="embed")
+    report_file = Path(config.output.runs_table).parent / "report.json"
+    combined = run_pipeline(spark, config, report_file=str(report_file))
+    ingest, embed = combined["stages"]["ingest"], combined["stages"]["embed"]
+    mi, me = ingest["metrics"], embed["metrics"]
+    print("\nstage 1, ingest")
+    print(f"  files {mi['files_listed']} (new {mi['files_new']}, unchanged {mi['files_unchanged']}), "
+          f"decoded {mi['files_decoded']}, errors {mi['errors'] or 'none'}")
+    print(f"  images {mi['images']}, joined with sales {mi['joined']}, images without sales "
+          f"{mi['images_without_sales']}, sales rows without images {mi['sales_without_images']}")
+    print(f"  {ingest['duration_s']:.1f} s, {mi['images_per_second']} images/s decoded")
+    print("stage 2, embed")
+    print(f"  embedded {me['embedded']}, skipped {me['skipped']} (already embedded), errors {me['errors'] or 'none'}")
+    print(f"  {me['model']} on {','.join(me['device']) or '-'} in {','.join(me['precision']) or '-'}, "
+          f"weights {me['weights']}, {embed['duration_s']:.1f} s, {me['images_per_second']} images/s embedded")
+    print(f"tables under {Path(config.output.images_table).parent}, report {report_file}")
+    print("\nnearest neighbours (cosine)" + ("" if meaningful else ", with random weights: not meaningful"))
+    for query in QUERIES:
+        found = similar(spark, config, k=5, image_id=query)
+        print(f"  {query}: " + ", ".join(f"{n.image_id} {n.score:.3f}" for n in found))
     spark.stop()
-    return 0
+    return 0 if combined["status"] == "succeeded" else 1
 
 
 if __name__ == "__main__":

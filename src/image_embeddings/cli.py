@@ -21,6 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ingest)
     embed = sub.add_parser("embed", help="stage 2: embed the images table with a headless backbone into Delta")
     _add_common(embed)
+    run = sub.add_parser("run", help="stage 1 then stage 2, with one combined report")
+    _add_common(run)
+    similar = sub.add_parser("similar", help="top-k cosine neighbours from the embeddings table")
+    _add_common(similar)
+    query = similar.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="an image file (local path or any Spark-readable URI) to search with")
+    query.add_argument("--id", dest="image_id", help="the image_id of an embedded image to search with")
+    similar.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
+    similar.add_argument("--json", action="store_true", help="print the neighbours as JSON")
     check = sub.add_parser("check-config", help="validate a config file and print it")
     _add_common(check)
     return parser
@@ -32,6 +41,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set input.join=left (repeatable)")
     parser.add_argument("--report", default=None, help="write the run report as JSON to this file")
     parser.add_argument("--run-id", default=None, help="run id to record (default: generated)")
+    parser.add_argument("--run-date", default=None, metavar="YYYY-MM-DD",
+                        help="fills {run_date} in input.images / input.sales and is recorded in the report")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -47,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, run_date=args.run_date)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
@@ -59,23 +70,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(redact(as_dict(config)), indent=2, sort_keys=True))
         return 0
-    return _run_stage(args.command, config, args.run_id, args.report)
+    return _run_command(args, config)
 
 
-def _run_stage(command: str, config: AppConfig, run_id: str | None, report_file: str | None) -> int:
+def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.embed import EmbedError, run_embed
     from image_embeddings.embedder import WeightsError
     from image_embeddings.ingest import IngestError, run_ingest
+    from image_embeddings.pipeline import run_pipeline
+    from image_embeddings.similar import SimilarError
     from image_embeddings.spark import get_spark
 
-    stage = {"ingest": run_ingest, "embed": run_embed}[command]
-    spark = get_spark(config, stage=command)
+    spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command)
     try:
-        report = stage(spark, config, run_id=run_id, report_file=report_file)
-    except (IngestError, EmbedError, WeightsError) as exc:
-        log.error("%s failed: %s", command, exc)
+        if args.command == "similar":
+            return _similar(spark, config, args)
+        if args.command == "run":
+            combined = run_pipeline(spark, config, run_id=args.run_id, report_file=args.report,
+                                    run_date=args.run_date)
+            return 0 if combined["status"] == "succeeded" else 1
+        stage = {"ingest": run_ingest, "embed": run_embed}[args.command]
+        report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
+        return 0 if report.status == "succeeded" else 1
+    except (IngestError, EmbedError, WeightsError, SimilarError) as exc:
+        log.error("%s failed: %s", args.command, exc)
         return 1
-    return 0 if report.status == "succeeded" else 1
+
+
+def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
+    import json
+    import re
+    from pathlib import Path
+
+    from image_embeddings.similar import similar
+
+    image = None
+    if args.image is not None:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", args.image):
+            row = spark.read.format("binaryFile").load(args.image).select("content").first()  # type: ignore[attr-defined]
+            image = bytes(row[0]) if row is not None else b""
+        else:
+            image = Path(args.image).read_bytes()
+    found = similar(spark, config, k=args.k, image_id=args.image_id, image=image)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps([{"image_id": n.image_id, "score": round(n.score, 6)} for n in found], indent=2))
+    else:
+        print(f"{'rank':>4}  {'score':>8}  image_id")
+        for rank, n in enumerate(found, 1):
+            print(f"{rank:>4}  {n.score:8.4f}  {n.image_id}")
+    return 0
 
 
 if __name__ == "__main__":

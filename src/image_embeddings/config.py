@@ -129,8 +129,12 @@ class AppConfig:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = (),
-                data: dict[str, Any] | None = None) -> AppConfig:
-    """Load a YAML file (or a dict), apply ``key=value`` overrides and return a validated config."""
+                data: dict[str, Any] | None = None, run_date: str | None = None) -> AppConfig:
+    """Load a YAML file (or a dict), apply ``key=value`` overrides and return a validated config.
+
+    ``{run_date}`` in ``input.images`` or ``input.sales`` is replaced by ``run_date`` (YYYY-MM-DD), so one
+    config serves every nightly run and every re-run of a single day.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -152,8 +156,28 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         key, value = parse_override(item)
         _set_dotted(raw, key, _Override(item.split("=", 1)[1], value))
     config = _build(AppConfig, raw, "")
+    config = with_run_date(config, run_date)
     _check(config)
     return config
+
+
+def with_run_date(config: AppConfig, run_date: str | None) -> AppConfig:
+    """Fill ``{run_date}`` in the input locations; a placeholder without a date is an error naming the key."""
+    import datetime as dt
+
+    if run_date is not None:
+        try:
+            dt.date.fromisoformat(run_date)
+        except ValueError:
+            raise ConfigError(f"run_date: expected YYYY-MM-DD, got {run_date!r}") from None
+    values = {}
+    for key in ("images", "sales"):
+        value = getattr(config.input, key)
+        if "{run_date}" in value:
+            if run_date is None:
+                raise ConfigError(f"input.{key}: contains {{run_date}}; pass --run-date YYYY-MM-DD")
+            values[key] = value.replace("{run_date}", run_date)
+    return dataclasses.replace(config, input=dataclasses.replace(config.input, **values)) if values else config
 
 
 @dataclass(frozen=True)
@@ -304,7 +328,7 @@ def _check(config: AppConfig) -> None:
                        ("output.runs_table", out.runs_table), ("output.files_table", out.files_table)):
         if value is not None:
             _check_location(key, value)
-    if _GLOB_CHARS & set(inp.images):
+    if _GLOB_CHARS & set(inp.images.replace("{run_date}", "")):
         raise ConfigError(f"input.images: must be a directory or prefix, not a glob pattern: {inp.images!r}")
     if not inp.extensions:
         raise ConfigError("input.extensions: must list at least one extension")

@@ -41,6 +41,13 @@ def embedder_settings(config: AppConfig, weights: Weights) -> EmbedderSettings:
                             checksum=weights.checksum)
 
 
+def resolve_config_weights(config: AppConfig) -> Weights:
+    """Find or fetch the weights named by ``model.weights`` (S3 through ``s3.endpoint`` when set)."""
+    mc = config.model
+    return resolve_weights(mc.weights, model_spec(mc.name), mc.cache_dir,
+                           S3Access(config.s3.endpoint, config.s3.region))
+
+
 def model_key(model: str, weights_checksum: str, preprocess_id: str, normalized: bool) -> str:
     """A short identity of everything that decides an embedding's value, stored with every row."""
     text = f"{model}|{weights_checksum}|{preprocess_id}|{'l2' if normalized else 'raw'}"
@@ -118,9 +125,10 @@ def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
 
 
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
-              report_file: str | None = None) -> RunReport:
+              report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    report = RunReport(run_id=run_id or new_run_id("embed"), stage="embed", started_at=utcnow())
+    report = RunReport(run_id=run_id or new_run_id("embed"), stage="embed", started_at=utcnow(),
+                       run_date=run_date)
     try:
         _embed_stage(spark, config, report)
     except BaseException as exc:
@@ -146,7 +154,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     images = read_table(spark, out.images_table)
     if images is None:
         raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
-    weights = resolve_weights(mc.weights, spec, mc.cache_dir, S3Access(config.s3.endpoint, config.s3.region))
+    weights = resolve_config_weights(config)
     settings = embedder_settings(config, weights)
     preprocess_id = config.preprocess.preprocess_id
     key = model_key(mc.name, weights.checksum, preprocess_id, mc.normalize)

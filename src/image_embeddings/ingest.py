@@ -296,9 +296,10 @@ def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run
 
 
 def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
-               report_file: str | None = None) -> RunReport:
+               report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    report = RunReport(run_id=run_id or new_run_id("ingest"), stage="ingest", started_at=utcnow())
+    report = RunReport(run_id=run_id or new_run_id("ingest"), stage="ingest", started_at=utcnow(),
+                       run_date=run_date)
     try:
         _ingest(spark, config, report)
     except BaseException as exc:

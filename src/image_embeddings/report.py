@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUNS_SCHEMA = ("run_id STRING, stage STRING, status STRING, started_at TIMESTAMP, finished_at TIMESTAMP, "
-               "duration_s DOUBLE, report STRING")
+RUNS_SCHEMA = ("run_id STRING, stage STRING, status STRING, run_date STRING, started_at TIMESTAMP, "
+               "finished_at TIMESTAMP, duration_s DOUBLE, report STRING")
 
 _SECRETISH = re.compile(r"(?i)(secret|password|passwd|token|access[._-]?key|credential)")
 
@@ -42,6 +42,7 @@ class RunReport:
     stage: str
     started_at: dt.datetime
     status: str = "running"
+    run_date: str | None = None
     finished_at: dt.datetime | None = None
     duration_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -114,8 +115,8 @@ def publish(report: RunReport, spark: SparkSession | None, runs_table: str | Non
         try:
             from image_embeddings.tables import append
 
-            row = (report.run_id, report.stage, report.status, report.started_at, report.finished_at,
-                   report.duration_s, report.to_json())
+            row = (report.run_id, report.stage, report.status, report.run_date, report.started_at,
+                   report.finished_at, report.duration_s, report.to_json())
             append(spark.createDataFrame([row], RUNS_SCHEMA), runs_table)
         except Exception as exc:  # the report must not hide the run's own outcome
             log.error("could not append the run report to %s: %s", runs_table, exc)

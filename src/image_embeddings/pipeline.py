@@ -1,0 +1,48 @@
+"""Both stages in one run, with one combined report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from image_embeddings.config import AppConfig
+from image_embeddings.embed import run_embed
+from image_embeddings.ingest import run_ingest
+from image_embeddings.report import RunReport, new_run_id
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(spark: SparkSession, config: AppConfig, run_id: str | None = None,
+                 report_file: str | None = None, run_date: str | None = None) -> dict[str, Any]:
+    """Run ingest then embed; return (and write to ``report_file``) the combined report.
+
+    Each stage also appends its own row to the runs table. When ingest fails, embed does not run.
+    """
+    base = run_id or new_run_id("run")
+    stages: dict[str, RunReport] = {}
+    try:
+        stages["ingest"] = run_ingest(spark, config, run_id=f"{base}-ingest", run_date=run_date)
+        stages["embed"] = run_embed(spark, config, run_id=f"{base}-embed", run_date=run_date)
+    finally:
+        combined = combine(base, run_date, stages)
+        log.info("pipeline report: run_id=%s status=%s %s", base, combined["status"], " ".join(
+            f"{name}.{key}={value}" for name, stage in combined["stages"].items()
+            for key, value in stage.items() if key in ("status", "duration_s")))
+        if report_file:
+            Path(report_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(report_file).write_text(json.dumps(combined, indent=2, sort_keys=True, default=str) + "\n")
+    return combined
+
+
+def combine(run_id: str, run_date: str | None, stages: dict[str, RunReport]) -> dict[str, Any]:
+    """One document holding every stage's report; the status is succeeded only if both stages succeeded."""
+    done = [s.status for s in stages.values()]
+    status = "succeeded" if len(done) == 2 and all(s == "succeeded" for s in done) else "failed"
+    return {"run_id": run_id, "run_date": run_date, "status": status,
+            "stages": {name: report.to_dict() for name, report in stages.items()}}

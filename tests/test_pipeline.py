@@ -1,0 +1,153 @@
+"""The main job end to end: `run`, `similar`, re-running one day, the demo and the example notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_embeddings import load_config, run_ingest
+from image_embeddings.cli import main
+from image_embeddings.pipeline import run_pipeline
+from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
+from image_embeddings.similar import SimilarError, model_rows, similar, top_k
+from reference import make_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(spark: Any, tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]) -> dict[str, Any]:
+    """The sample (photos and variants) through `image-embeddings run`, in-process, with test weights."""
+    root = tmp_path_factory.mktemp("pipeline")
+    write_sample(root / "sample")
+    weights = make_weights(root / "w.pth")
+    sets = [*base_overrides, f"input.images={root}/sample/images", f"input.sales={root}/sample/sales",
+            f"output.images_table={root}/delta/images", f"output.embeddings_table={root}/delta/embeddings",
+            f"output.runs_table={root}/delta/runs", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}",
+            f"model.weights={weights}", "model.precision=fp32"]
+    args = [a for s in sets for a in ("--set", s)]
+    code = main(["run", "--config", str(REPO / "conf" / "local.yaml"), *args, "--report", str(root / "run.json")])
+    return {"root": root, "sets": sets, "args": args, "code": code, "weights": weights,
+            "config": load_config(REPO / "conf" / "local.yaml", sets)}
+
+
+def test_run_writes_one_combined_report(spark: Any, built: dict[str, Any]) -> None:
+    assert built["code"] == 0
+    report = json.loads((built["root"] / "run.json").read_text())
+    assert report["status"] == "succeeded" and set(report["stages"]) == {"ingest", "embed"}
+    assert report["stages"]["ingest"]["metrics"]["files_decoded"] == 4 * len(PHOTOS)
+    assert report["stages"]["embed"]["metrics"]["embedded"] == 4 * len(PHOTOS)
+    assert report["stages"]["ingest"]["run_id"] == report["run_id"] + "-ingest"
+    runs = spark.read.format("delta").load(built["config"].output.runs_table).collect()
+    assert sorted(r.stage for r in runs) == ["embed", "ingest"]
+
+    again = run_pipeline(spark, built["config"])
+    assert again["status"] == "succeeded"
+    assert again["stages"]["ingest"]["metrics"]["files_decoded"] == 0
+    assert again["stages"]["embed"]["metrics"]["embedded"] == 0
+
+
+def test_similar_by_id_by_image_and_in_spark(spark: Any, built: dict[str, Any], capsys: Any) -> None:
+    config = built["config"]
+    found = similar(spark, config, k=5, image_id="astronaut")
+    assert len(found) == 5 and "astronaut" not in [n.image_id for n in found]
+    assert [n.score for n in found] == sorted((n.score for n in found), reverse=True)
+    assert all(-1.0 <= n.score <= 1.0001 for n in found)
+
+    original = (built["root"] / "sample" / "images" / "astronaut.jpg").read_bytes()
+    by_image = similar(spark, config, k=3, image=original)
+    assert by_image[0].image_id == "astronaut" and by_image[0].score > 0.9999
+
+    rows = model_rows(spark, config)
+    stored = [r.embedding for r in rows.where("image_id = 'coffee'").collect()][0]
+    in_numpy = top_k(rows, stored, 6)
+    in_spark = top_k(rows, stored, 6, small_table_rows=0)
+    assert [n.image_id for n in in_spark] == [n.image_id for n in in_numpy]
+    assert [round(n.score, 4) for n in in_spark] == [round(n.score, 4) for n in in_numpy]
+    assert in_numpy[0].image_id == "coffee"
+
+    code = main(["similar", "--config", str(REPO / "conf" / "local.yaml"), *built["args"], "--id", "rocket",
+                 "--k", "3", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["image_id"] for p in printed] == [n.image_id for n in similar(spark, config, k=3, image_id="rocket")]
+
+
+def test_similar_refuses_another_model(spark: Any, built: dict[str, Any]) -> None:
+    other = load_config(REPO / "conf" / "local.yaml", [*built["sets"], "model.weights=random:5"])
+    with pytest.raises(SimilarError, match="has no rows for this config's model .*weights checksum=random:5"):
+        similar(spark, other, k=3, image_id="astronaut")
+    with pytest.raises(SimilarError, match="image_id 'nope' has no embedding"):
+        similar(spark, built["config"], k=3, image_id="nope")
+
+
+def test_rerun_one_day_leaves_other_days_alone(spark: Any, make_config: Any, tmp_path: Path) -> None:
+    days = {"2026-11-22": PHOTOS[:3], "2026-11-23": PHOTOS[3:5]}
+    for day, names in days.items():
+        (tmp_path / day).mkdir()
+        for name in names:
+            (tmp_path / day / f"{name}.jpg").write_bytes(encode(photo(name)))
+    write_sales(tmp_path / "sales", [n for names in days.values() for n in names])
+    template = make_config(tmp_path / "2026-11-22", tmp_path / "sales", tables=tmp_path / "delta")
+    with pytest.raises(Exception, match=r"input.images: contains \{run_date\}; pass --run-date"):
+        load_config(REPO / "conf" / "local.yaml", [f"input.images={tmp_path}/{{run_date}}"])
+    for day in days:
+        cfg = load_config(REPO / "conf" / "local.yaml", [
+            f"input.images={tmp_path}/{{run_date}}", f"input.sales={tmp_path / 'sales'}",
+            f"output.images_table={template.output.images_table}",
+            f"output.embeddings_table={template.output.embeddings_table}",
+            f"output.runs_table={template.output.runs_table}", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}"],
+            run_date=day)
+        report = run_ingest(spark, cfg, run_date=day)
+        assert report.metrics["files_decoded"] == len(days[day]) and report.metrics["files_removed"] == 0
+    rerun = run_ingest(spark, cfg, run_date="2026-11-23")
+    assert (rerun.metrics["files_decoded"], rerun.metrics["files_removed"]) == (0, 0)
+    images = spark.read.format("delta").load(template.output.images_table)
+    assert images.count() == 5
+    runs = spark.read.format("delta").load(template.output.runs_table).collect()
+    assert sorted(r.run_date for r in runs) == ["2026-11-22", "2026-11-23", "2026-11-23"]
+
+
+def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
+    sets = [f"input.images={tmp_path}/sample/images", f"input.sales={tmp_path}/sample/sales",
+            f"output.images_table={tmp_path}/delta/images", f"output.embeddings_table={tmp_path}/delta/embeddings",
+            f"output.runs_table={tmp_path}/delta/runs", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}",
+            f"model.cache_dir={tmp_path}/models"]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert f"wrote {4 * len(PHOTOS)} sample photos" in out
+    assert "model.weights=imagenet cannot be had here (no network?): running with random:0" in out
+    assert f"files {4 * len(PHOTOS)} (new {4 * len(PHOTOS)}, unchanged 0), decoded {4 * len(PHOTOS)}, errors none" in out
+    assert f"embedded {4 * len(PHOTOS)}, skipped 0" in out
+    assert "nearest neighbours (cosine), with random weights: not meaningful" in out
+    for query in ("astronaut", "coffee", "chelsea"):
+        line = next(line for line in out.splitlines() if line.startswith(f"  {query}: "))
+        assert line.count(",") == 4, line
+
+
+def test_example_notebook_runs(tmp_path: Path) -> None:
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(REPO / "examples" / "rerun_one_day.ipynb", as_version=4)
+    os.environ["EXAMPLE_WORKDIR"] = str(tmp_path)
+    os.environ["EXAMPLE_REPO"] = str(REPO)
+    try:
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO / "examples")}}).execute()
+    finally:
+        del os.environ["EXAMPLE_WORKDIR"], os.environ["EXAMPLE_REPO"]
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for o in cell.get("outputs", []))
+    assert "stage=ingest status=succeeded" in outputs and "stage=embed status=succeeded" in outputs
+    assert "2026-11-23" in outputs
