@@ -11,35 +11,9 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from image_embeddings.sample import PHOTOS, photo
+from image_embeddings.sample import trained_like_weights as make_weights  # noqa: F401 - re-exported for the tests
 
 _BUILDERS = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
-
-
-def make_weights(path: Path, model: str = "resnet50", seed: int = 0) -> Path:
-    """Save a full torchvision state dict of random weights shaped like trained ones.
-
-    Pure random init makes every photo's embedding nearly parallel (cosine 0.995+), which no equivalence
-    check can work with. Here the BatchNorm statistics are measured on real photos and each residual branch
-    is scaled down (its last BatchNorm's gain set to 0.2), as training leaves them: different photos then
-    have cosines of 0.96 or less, and bf16 stays within 1e-4 of fp32, as with real ImageNet weights.
-    """
-    torch.manual_seed(seed)
-    net = _BUILDERS[model]()
-    for block in net.modules():
-        if isinstance(block, torchvision.models.resnet.Bottleneck):
-            torch.nn.init.constant_(block.bn3.weight, 0.2)
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if norms:
-        for norm in norms:
-            norm.momentum = None
-            norm.reset_running_stats()
-        net.train()
-        with torch.no_grad():
-            net(torch.stack([_article_transform(Image.fromarray(photo(n)).resize((224, 224))) for n in PHOTOS]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 _TRANSFORM = T.Compose([T.ToTensor(), T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])

@@ -16,6 +16,7 @@ from image_embeddings.cli import main
 from image_embeddings.pipeline import run_pipeline
 from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
 from image_embeddings.similar import SimilarError, model_rows, similar, top_k
+
 from reference import make_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,11 +125,11 @@ def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), *[a for s in sets for a in ("--set", s)]],
                           capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
-    assert f"wrote {4 * len(PHOTOS)} sample photos" in out
+    out, n = done.stdout, 4 * len(PHOTOS)
+    assert f"wrote {n} sample photos" in out
     assert "model.weights=imagenet cannot be had here (no network?): running with random:0" in out
-    assert f"files {4 * len(PHOTOS)} (new {4 * len(PHOTOS)}, unchanged 0), decoded {4 * len(PHOTOS)}, errors none" in out
-    assert f"embedded {4 * len(PHOTOS)}, skipped 0" in out
+    assert f"files {n} (new {n}, unchanged 0), decoded {n}, errors none" in out
+    assert f"embedded {n}, skipped 0" in out
     assert "nearest neighbours (cosine), with random weights: not meaningful" in out
     for query in ("astronaut", "coffee", "chelsea"):
         line = next(line for line in out.splitlines() if line.startswith(f"  {query}: "))

@@ -6,10 +6,8 @@ import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 # Real photographs that scikit-image ships inside its wheel (no download needed).
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -94,3 +92,41 @@ def write_sales(folder: str | Path, image_ids: list[str], seed: int = 0) -> None
         "revenue": [round(rng.uniform(0, 10_000), 2) for _ in image_ids],
     })
     frame.to_parquet(path / "part-00000.parquet", index=False)
+
+
+def trained_like_weights(path: str | Path, model: str = "resnet50", seed: int = 0) -> Path:
+    """Save a full torchvision state dict of random weights shaped like trained ones, for tests and benchmarks.
+
+    Pure random init makes every photo's embedding nearly parallel (cosine 0.995+), which no equivalence
+    check can work with. Here the BatchNorm statistics are measured on the sample photos and each residual
+    branch is scaled down (its last BatchNorm's gain set to 0.2), as training leaves them: different photos
+    then have cosines of 0.96 or less, and bf16 stays within 1e-4 of fp32, as with real ImageNet weights.
+    """
+    import torch
+    import torchvision
+
+    from image_embeddings.embedder import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(seed)
+    net = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}[model]()
+    for block in net.modules():
+        if isinstance(block, torchvision.models.resnet.Bottleneck):
+            torch.nn.init.constant_(block.bn3.weight, 0.2)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if norms:
+        for norm in norms:
+            norm.momentum = None
+            norm.reset_running_stats()
+        from PIL import Image
+
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        arrays = [np.asarray(Image.fromarray(photo(n)).resize((224, 224))) for n in PHOTOS]
+        batch = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        net.train()
+        with torch.no_grad():
+            net(batch)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), target)
+    return target
