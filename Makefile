@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 MINIO_VERSION ?= v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO  := .tools/bin/minio
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench
 
 setup: $(VENV)/.installed $(MINIO) .cache/ivy/.warm
 
@@ -37,3 +37,9 @@ lint: setup
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks against the article's pipeline (prints a Markdown table, writes bench/results/latest.md).
+bench: setup
+	$(PY) bench/run.py
+
+# On a machine with a GPU (torch, torchvision, Pillow; no Spark needed): PYTHONPATH=src python bench/gpu.py

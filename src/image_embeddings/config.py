@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 from image_embeddings.images import DEFAULT_EXTENSIONS, MODES
 
 
@@ -110,6 +108,7 @@ class ModelConfig:
     threads: int | None = None
     arrow_batch_rows: int = 256
     partitions: int | None = None
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        import yaml
+
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -193,6 +194,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
+    import yaml
+
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set has an empty key in {item!r}")

@@ -38,7 +38,7 @@ def embedder_settings(config: AppConfig, weights: Weights) -> EmbedderSettings:
     return EmbedderSettings(model=m.name, weights=m.weights, device=m.device, precision=m.precision,
                             batch_size=m.batch_size, normalize=m.normalize, cache_dir=m.cache_dir,
                             threads=m.threads, s3=S3Access(config.s3.endpoint, config.s3.region),
-                            checksum=weights.checksum)
+                            checksum=weights.checksum, decode=m.decode)
 
 
 def resolve_config_weights(config: AppConfig) -> Weights:

@@ -263,6 +263,7 @@ class EmbedderSettings:
     threads: int | None = None
     s3: S3Access = field(default_factory=S3Access)
     checksum: str | None = None  # when set, the weights found must have this checksum
+    decode: str = "auto"  # auto: nvjpeg on the GPU when the device is cuda, else Pillow; cpu; gpu
 
 
 @dataclass
@@ -371,26 +372,80 @@ class Embedder:
 
     def embed(self, images: Sequence[bytes | None]) -> EmbedResult:
         """Embed image bytes; a row that cannot be decoded gets a NaN embedding and an error, never an exception."""
-        import torch
 
         self.calls += 1
         errors: list[str | None] = [None] * len(images)
-        arrays: list[np.ndarray] = []
-        good: list[int] = []
-        for i, data in enumerate(images):
-            try:
-                arrays.append(self._decode(data))
-                good.append(i)
-            except Exception as exc:
-                message = str(exc)
-                errors[i] = message if re.match(r"^[a-z_]+: ", message) else f"decode_error: {message}"
+        use_gpu = self.device == "cuda" and self.settings.decode in ("auto", "gpu")
+        pixels, good = self._decode_gpu(images, errors) if use_gpu else self._decode_cpu(images, errors)
         out = np.full((len(images), self.dim), np.nan, dtype=np.float32)
-        if arrays:
-            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-            if self.device == "cuda":
+        if good:
+            if self.device == "cuda" and pixels.device.type == "cpu":
                 pixels = pixels.pin_memory()
             out[good] = self.embed_pixels(pixels).numpy()
         return EmbedResult(out, errors)
+
+    def _decode_cpu(self, images: Sequence[bytes | None], errors: list[str | None]) -> tuple[Any, list[int]]:
+        """Decode with Pillow (in threads when a GPU waits: Pillow releases the GIL while decoding)."""
+        import torch
+
+        def one(data: bytes | None) -> np.ndarray | str:
+            try:
+                return self._decode(data)
+            except Exception as exc:
+                message = str(exc)
+                return message if re.match(r"^[a-z_]+: ", message) else f"decode_error: {message}"
+
+        if self.device == "cuda" and len(images) > 16:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                decoded = list(pool.map(one, images))
+        else:
+            decoded = [one(data) for data in images]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        for i, d in enumerate(decoded):
+            if isinstance(d, str):
+                errors[i] = d
+        if not good:
+            return None, good
+        return torch.from_numpy(np.stack([decoded[i] for i in good])).permute(0, 3, 1, 2), good
+
+    def _decode_gpu(self, images: Sequence[bytes | None], errors: list[str | None]) -> tuple[Any, list[int]]:
+        """Decode JPEGs on the GPU with nvjpeg in one batched call; a file nvjpeg refuses goes through Pillow."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        size = self.spec.input_size
+        candidates = [i for i, d in enumerate(images) if d]
+        tensors: dict[int, Any] = {}
+        if candidates:
+            data = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in candidates]  # type: ignore[arg-type]
+            try:
+                batch = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+                tensors = dict(zip(candidates, batch, strict=True))
+            except RuntimeError:
+                for i, one in zip(candidates, data, strict=True):
+                    with contextlib.suppress(RuntimeError):
+                        tensors[i] = decode_jpeg(one, mode=ImageReadMode.RGB, device="cuda")
+        good: list[int] = []
+        rest: list[int] = []
+        for i in range(len(images)):
+            t = tensors.get(i)
+            if t is not None and tuple(t.shape) == (3, size, size):
+                good.append(i)
+            else:
+                rest.append(i)
+        if rest:  # not a JPEG nvjpeg takes, a wrong size or a broken file: Pillow decides, with its error
+            sub_errors: list[str | None] = [None] * len(rest)
+            cpu_pixels, cpu_good = self._decode_cpu([images[i] for i in rest], sub_errors)
+            for j, i in enumerate(rest):
+                errors[i] = sub_errors[j]
+            for j, k in enumerate(cpu_good):
+                tensors[rest[k]] = cpu_pixels[j].to("cuda", non_blocking=True)
+            good = sorted(good + [rest[k] for k in cpu_good])
+        if not good:
+            return None, good
+        return torch.stack([tensors[i] for i in good]), good
 
 
 # ---------------------------------------------------------------------------------------------------------

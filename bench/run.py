@@ -1,0 +1,181 @@
+"""`make bench`: our stages against the article's pipeline, each ratio measured in one process on the same data.
+
+    .venv/bin/python bench/run.py [--only stage1,stage2,pipeline] [--photos 600] [--out bench/results/latest.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baseline import article_downscale, article_embed, article_model, article_transform, psnr, run_article_scripts
+
+from image_embeddings.images import downscale
+from image_embeddings.sample import PHOTOS, encode, photo, trained_like_weights, variants, write_sales
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jpegs(size: tuple[int, int], count: int) -> list[bytes]:
+    """``count`` JPEGs of ``size`` made from the real photos and their variants (quality 90)."""
+    sources = [photo(n) for n in PHOTOS]
+    sources += [v for s in list(sources) for _, v in variants(s)]
+    return [encode(sources[i % len(sources)], size=size, quality=90) for i in range(count)]
+
+
+def rate(fn: Callable[[bytes], Any], inputs: list[bytes], min_seconds: float = 2.0) -> float:
+    """Items per second of ``fn`` over ``inputs``, repeated until at least ``min_seconds`` have passed."""
+    done, started = 0, time.perf_counter()
+    while True:
+        for item in inputs:
+            fn(item)
+        done += len(inputs)
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def decoded(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def bench_stage1(rows: list[dict[str, Any]]) -> None:
+    """Decode and downscale, one core: ours against the article's UDF body, with PSNR."""
+    from PIL import Image
+
+    for label, size, count in (("12 MP (4000x3000)", (4000, 3000), 12), ("2 MP (1600x1200)", (1600, 1200), 40)):
+        inputs = jpegs(size, count)
+        base = rate(article_downscale, inputs)
+        ours = rate(lambda b: downscale(b, mode="squash"), inputs)
+        ours_crop = rate(downscale, inputs)
+        sample = inputs[:8]
+        reference = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((224, 224), Image.Resampling.LANCZOS))
+                     for b in sample]
+        base_psnr = np.mean([psnr(decoded(article_downscale(b) or b""), r)
+                             for b, r in zip(sample, reference, strict=True)])
+        ours_psnr = np.mean([psnr(decoded(downscale(b, mode="squash").image or b""), r)
+                             for b, r in zip(sample, reference, strict=True)])
+        rows.append({"benchmark": f"stage 1 function, {label}, images/s on one core",
+                     "baseline": f"{base:.1f} (PSNR {base_psnr:.1f} dB)",
+                     "ours": f"{ours:.1f} squash (PSNR {ours_psnr:.1f} dB), {ours_crop:.1f} center_crop",
+                     "ratio": f"{ours / base:.2f}x"})
+
+
+def bench_stage2(rows: list[dict[str, Any]], weights: Path) -> None:
+    """Embedding on CPU: ours (batched, auto precision) against the article's per-row fp32 loop."""
+    from image_embeddings.embedder import Embedder, EmbedderSettings
+
+    thumbs = [downscale(b).image for b in jpegs((1600, 1200), 64)]
+    inputs = [t for t in thumbs if t is not None]
+    resnet, transform = article_model(str(weights)), article_transform()
+    started = time.perf_counter()
+    base_out = np.asarray(article_embed(inputs, resnet, transform), dtype=np.float32)
+    base = len(inputs) / (time.perf_counter() - started)
+    embedder = Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision="auto", batch_size=32))
+    embedder.embed(inputs[:32])  # warm-up, as a long-lived worker is
+    started = time.perf_counter()
+    ours_out = embedder.embed(inputs).embeddings
+    ours = len(inputs) / (time.perf_counter() - started)
+    base_n = base_out / np.linalg.norm(base_out, axis=1, keepdims=True)
+    cosine = float(np.min(np.sum(base_n * ours_out, axis=1)))
+    rows.append({"benchmark": f"stage 2 function on CPU ({os.cpu_count()} threads), images/s",
+                 "baseline": f"{base:.1f} (per row, fp32)",
+                 "ours": f"{ours:.1f} (batch 32, {embedder.precision}, channels_last), "
+                         f"min cosine to baseline {cosine:.5f}",
+                 "ratio": f"{ours / base:.2f}x"})
+
+
+def bench_pipeline(rows: list[dict[str, Any]], weights: Path, photos: int) -> None:
+    """Both stages under local Spark: `image-embeddings run` against the article's two scripts."""
+    from image_embeddings.cli import configure_logging
+    from image_embeddings.config import load_config
+    from image_embeddings.pipeline import run_pipeline
+    from image_embeddings.spark import get_spark
+
+    configure_logging("WARNING")
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    images = work / "images"
+    images.mkdir()
+    ids = []
+    for i, data in enumerate(jpegs((1600, 1200), photos)):
+        (images / f"img{i:05d}.jpg").write_bytes(data)
+        ids.append(f"img{i:05d}")
+    write_sales(work / "sales", ids)
+    config = load_config(REPO / "conf" / "local.yaml", [
+        f"input.images={images}", f"input.sales={work / 'sales'}", f"output.images_table={work}/ours/images",
+        f"output.embeddings_table={work}/ours/embeddings", f"output.runs_table={work}/ours/runs",
+        f"spark.ivy_dir={REPO / '.cache' / 'ivy'}", f"model.weights={weights}"])
+    spark = get_spark(config, stage="embed")
+    spark.range(1).count()  # session start is not part of either figure
+    default_batch = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")  # Spark's default, as the article ran
+    stage1, stage2 = run_article_scripts(spark, str(images), str(work / "sales"), f"{work}/article/images",
+                                         f"{work}/article/embeddings", str(weights))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", default_batch)
+    base = photos / (stage1 + stage2)
+    started = time.perf_counter()
+    combined = run_pipeline(spark, config)
+    seconds = time.perf_counter() - started
+    ours = photos / seconds
+    ingest = combined["stages"]["ingest"]["duration_s"]
+    embed = combined["stages"]["embed"]["duration_s"]
+    rows.append({"benchmark": f"whole pipeline, local[2], {photos} photos of 1600x1200, images/s end to end",
+                 "baseline": f"{base:.1f} (stage 1 {stage1:.1f} s, stage 2 {stage2:.1f} s)",
+                 "ours": f"{ours:.1f} (ingest {ingest:.1f} s, embed {embed:.1f} s)",
+                 "ratio": f"{ours / base:.2f}x"})
+    spark.stop()
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| benchmark | baseline (article) | ours | ratio |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['benchmark']} | {r['baseline']} | {r['ours']} | {r['ratio']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="stage1,stage2,pipeline")
+    parser.add_argument("--photos", type=int, default=600)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.md"))
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    weights = trained_like_weights(Path(tempfile.mkdtemp(prefix="bench-weights-")) / "resnet50.pth")
+    rows: list[dict[str, Any]] = []
+    if "stage1" in only:
+        bench_stage1(rows)
+        print(table(rows[-2:]), flush=True)
+    if "stage2" in only:
+        bench_stage2(rows, weights)
+        print(table(rows[-1:]), flush=True)
+    if "pipeline" in only:
+        bench_pipeline(rows, weights, args.photos)
+    import torch
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"torch {torch.__version__}, Pillow {__import__('PIL').__version__}")
+    report = (f"Benchmarks run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine}\n"
+              f"Command: `make bench` (`.venv/bin/python bench/run.py --only {args.only} --photos {args.photos}`)\n\n"
+              f"{table(rows)}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    print("\n" + report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
