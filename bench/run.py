@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Spark's Python workers import the article's UDF bodies from bench/baseline.py too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent),
+                                                       os.environ.get("PYTHONPATH", "")) if p)
 
 from baseline import article_downscale, article_embed, article_model, article_transform, psnr, run_article_scripts
 

@@ -227,3 +227,27 @@ def test_command_line_and_spark_submit_entry_point(make_config: Any, tmp_path: P
     assert data["status"] == "succeeded"
     assert data["metrics"]["files_decoded"] == len(PHOTOS)
     assert "run report: run_id=" in ok.stderr
+
+
+def test_empty_folder_every_file_broken_and_missing_folder(spark: Any, make_config: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_sales(tmp_path / "sales", ["a", "b"])
+    config = make_config(folder, tmp_path / "sales")
+    empty = run_ingest(spark, config)
+    assert (empty.status, empty.metrics["files_listed"], empty.metrics["images"]) == ("succeeded", 0, 0)
+    assert empty.metrics["sales_without_images"] == 2
+    assert spark.read.format("delta").load(config.output.images_table).count() == 0, "empty tables exist"
+
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    (folder / "b.png").write_bytes(encode(photo("rocket"), fmt="PNG")[:100])
+    broken = run_ingest(spark, config)
+    assert broken.status == "succeeded"
+    assert broken.metrics["errors"] == {"not_an_image": 1, "truncated": 1}
+    rows = key_by(spark, config.output.images_table, "image_id")
+    assert {k: (v["image"], v["error"].split(":")[0]) for k, v in rows.items()} == {
+        "a": (None, "not_an_image"), "b": (None, "truncated")}
+
+    missing = make_config(tmp_path / "no_such_folder", tmp_path / "sales", tables=tmp_path / "other")
+    with pytest.raises(IngestError, match="input.images: cannot list"):
+        run_ingest(spark, missing)

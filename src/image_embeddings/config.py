@@ -77,6 +77,7 @@ class SparkConfig:
     packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
     arrow_max_records_per_batch: int = 32
+    arrow_max_bytes_per_batch: int = 64 * 1024 * 1024
     conf: dict[str, str] = field(default_factory=dict)
     embed_conf: dict[str, str] = field(default_factory=dict)
 
@@ -364,6 +365,8 @@ def _check(config: AppConfig) -> None:
     _check_model(config.model)
     if spark.arrow_max_records_per_batch < 1:
         raise ConfigError("spark.arrow_max_records_per_batch: must be positive")
+    if not 1 <= spark.arrow_max_bytes_per_batch < 2**31 - 1:
+        raise ConfigError("spark.arrow_max_bytes_per_batch: must be between 1 and 2147483646")
     for section, settings in (("spark.conf", spark.conf), ("spark.embed_conf", spark.embed_conf)):
         for key in settings:
             if not key.startswith("spark."):

@@ -161,12 +161,13 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     m = report.metrics
     m.update(model=mc.name, model_key=key, weights=mc.weights, weights_checksum=weights.checksum)
 
-    existing = read_table(spark, out.embeddings_table)
-    todo = select_todo(images, existing, key)
-    if mc.partitions:
-        todo = todo.repartition(mc.partitions)
-    stale = stale_rows(images, existing, key)
-    m["rows_considered"] = images.count()
+    with report.step("plan"):
+        existing = read_table(spark, out.embeddings_table)
+        todo = select_todo(images, existing, key)
+        # Spread the images over every task slot (every core, or every GPU share) of the cluster.
+        todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)
+        stale = stale_rows(images, existing, key)
+        m["rows_considered"] = images.count()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(mc.arrow_batch_rows))
     embedded_at = utcnow()
     started = time.monotonic()
@@ -181,7 +182,8 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
         F.col("_e.worker_batches").alias("_batches"),
     ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+        with report.step("embed"):
+            stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
         assert stats is not None
         m["embed_seconds"] = round(time.monotonic() - started, 3)
         workers = result.groupBy("_pid").agg(F.max("_loads").alias("loads"), F.max("_batches").alias("batches"),
@@ -197,8 +199,9 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
         m["skipped"] = m["rows_considered"] - int(stats["rows"])
         m["removed"] = n_stale
         if int(stats["rows"]) or n_stale or existing is None:
-            merge_changes(spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale,
-                          ["image_id", "model_key"])
+            with report.step("write_embeddings_table"):
+                merge_changes(spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale,
+                              ["image_id", "model_key"])
     finally:
         result.unpersist()
     m["embeddings_table_version"] = table_version(spark, out.embeddings_table)

@@ -324,23 +324,29 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
     m["input_images"] = root
     m["preprocess_id"] = pre.preprocess_id
 
-    sales = read_sales(spark, inp.sales, inp.sales_key)
-    _check_sales_keys(sales, inp.sales_key)
+    with report.step("sales_check"):
+        sales = read_sales(spark, inp.sales, inp.sales_key)
+        _check_sales_keys(sales, inp.sales_key)
 
-    listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
-    files = read_table(spark, out.files_table_path)
+    with report.step("list"):
+        listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
+        files = read_table(spark, out.files_table_path)
     plan = plan_files(listing, files, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
     plan = plan.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = {r["status"]: int(r["count"]) for r in plan.groupBy("status").count().collect()}
+        readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
+        with report.step("plan"):
+            rows = plan.groupBy("status", readable.alias("readable")).count().collect()
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + int(row["count"])
         for status in ("new", "changed", "retry", "unchanged", "removed"):
             m[f"files_{status}"] = counts.get(status, 0)
         m["files_listed"] = sum(v for k, v in counts.items() if k != "removed")
         todo = plan.where(F.col("status").isin("new", "changed", "retry"))
-        readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
         to_read = todo.where(readable)
-        n_to_read = to_read.count()
-        n_readable = plan.where((F.col("status") != "removed") & readable).count()
+        n_to_read = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] in ("new", "changed", "retry"))
+        n_readable = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed")
         ingested_at = utcnow()
         not_read = todo.where(~readable).withColumn("_error", F.when(
             F.col("file_size") == 0, F.lit(EMPTY_FILE)).otherwise(too_large_error(inp.max_file_bytes)))
@@ -357,11 +363,12 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             processed = decoded.unionByName(processed).unionByName(
                 error_rows(vanished, F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at))
         try:
-            stats = processed.agg(
-                F.count(F.lit(1)).alias("rows"),
-                F.count("sha256").alias("read"),
-                F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes"),
-            ).first()
+            with report.step("read_and_decode"):
+                stats = processed.agg(
+                    F.count(F.lit(1)).alias("rows"),
+                    F.count("sha256").alias("read"),
+                    F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes"),
+                ).first()
             assert stats is not None
             m["files_read"] = int(stats["read"])
             m["files_decoded"] = int(stats["read"])
@@ -369,22 +376,24 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             m["errors"] = errors_by_reason(processed)
             removed = plan.where(F.col("status") == "removed").select("path")
             if int(stats["rows"]) or m["files_removed"] or files is None:
-                merge_changes(spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path")
+                with report.step("write_files_table"):
+                    merge_changes(spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path")
         finally:
             if decoded is not None:
                 decoded.unpersist()
     finally:
         plan.unpersist()
-    m["files_table_version"] = table_version(spark, out.files_table_path)
-
-    all_files = read_table(spark, out.files_table_path)
-    assert all_files is not None
-    m["errors_total"] = errors_by_reason(all_files)
-    images = resolve_duplicates(all_files)
-    _sales_match_counts(images, sales, m)
-    desired = join_sales(images, sales, inp.join)
-    _update_images_table(spark, desired, out.images_table, report)
-    m["images_table_version"] = table_version(spark, out.images_table)
+    with report.step("counts"):
+        m["files_table_version"] = table_version(spark, out.files_table_path)
+        all_files = read_table(spark, out.files_table_path)
+        assert all_files is not None
+        m["errors_total"] = errors_by_reason(all_files)
+        images = resolve_duplicates(all_files)
+        _sales_match_counts(images, sales, m)
+    with report.step("write_images_table"):
+        desired = join_sales(images, sales, inp.join)
+        _update_images_table(spark, desired, out.images_table, report, inp.join)
+        m["images_table_version"] = table_version(spark, out.images_table)
     m["stage_seconds"] = round(time.monotonic() - started, 3)
 
 
@@ -402,20 +411,21 @@ def _check_sales_keys(sales: DataFrame, key: str) -> None:
 def _sales_match_counts(images: DataFrame, sales: DataFrame, m: dict[str, Any]) -> None:
     from pyspark.sql import functions as F
 
-    left = images.select("image_id", F.lit(True).alias("_img"))
+    left = images.select("image_id", "duplicate_files", F.lit(True).alias("_img"))
     right = sales.where(F.col("image_id").isNotNull()).select("image_id", F.lit(True).alias("_sale"))
     rows = (left.join(right, "image_id", "full_outer")
             .groupBy(F.col("_img").isNotNull().alias("img"), F.col("_sale").isNotNull().alias("sale"))
-            .count().collect())
+            .agg(F.count(F.lit(1)).alias("count"), F.sum("duplicate_files").alias("duplicates")).collect())
     counts = {(r["img"], r["sale"]): int(r["count"]) for r in rows}
     m["images"] = counts.get((True, True), 0) + counts.get((True, False), 0)
-    m["duplicate_files"] = int(images.agg(F.sum("duplicate_files")).first()[0] or 0)  # type: ignore[index]
+    m["duplicate_files"] = sum(int(r["duplicates"] or 0) for r in rows)
     m["joined"] = counts.get((True, True), 0)
     m["images_without_sales"] = counts.get((True, False), 0)
     m["sales_without_images"] = counts.get((False, True), 0)
 
 
-def _update_images_table(spark: SparkSession, desired: DataFrame, path: str, report: RunReport) -> None:
+def _update_images_table(spark: SparkSession, desired: DataFrame, path: str, report: RunReport,
+                         config_join: str) -> None:
     """Bring the images table to ``desired`` writing only rows that changed (nothing when none did)."""
     from pyspark.sql import functions as F
 
@@ -427,7 +437,7 @@ def _update_images_table(spark: SparkSession, desired: DataFrame, path: str, rep
     if existing is None or _schema_changed(existing, target):
         overwrite(target, path)
         m["images_table_write"] = "created" if existing is None else "overwritten (schema changed)"
-        m["images_upserted"] = spark.read.format("delta").load(path).count()
+        m["images_upserted"] = m["joined"] if config_join == "inner" else m["images"]
         m["images_deleted"] = 0
         return
     wanted = target.withColumn("_fp", fingerprint(desired))

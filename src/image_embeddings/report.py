@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import re
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,16 @@ class RunReport:
         self.duration_s = round((self.finished_at - self.started_at).total_seconds(), 3)
         if error is not None:
             self.error = f"{type(error).__name__}: {error}"[:4000]
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time a part of the run into ``metrics["seconds"][name]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self.metrics.setdefault("seconds", {})
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - started, 3)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as JSON-ready data, with anything that looks like a secret redacted."""

@@ -53,6 +53,8 @@ def runtime_settings(config: AppConfig) -> dict[str, str]:
     return {
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.spark.arrow_max_records_per_batch),
+        # Spark 4.0+; Spark 3.5 ignores it and the row bound (times input.max_file_bytes) is the limit.
+        "spark.sql.execution.arrow.maxBytesPerBatch": str(config.spark.arrow_max_bytes_per_batch),
     }
 
 
