@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
-from image_embeddings.report import RunReport, errors_by_reason, new_run_id, publish, utcnow
+from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.tables import merge_changes, read_table, table_version
 
 if TYPE_CHECKING:
@@ -127,19 +127,8 @@ def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
               report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    report = RunReport(run_id=run_id or new_run_id("embed"), stage="embed", started_at=utcnow(),
-                       run_date=run_date)
-    try:
-        _embed_stage(spark, config, report)
-    except BaseException as exc:
-        report.finish("failed", exc)
-        publish(report, spark, config.output.runs_table, report_file)
-        raise
-    report.finish("succeeded")
-    seconds = max(float(report.metrics.get("embed_seconds") or 0.0), 1e-6)
-    report.metrics["images_per_second"] = round(report.metrics.get("embedded", 0) / seconds, 2)
-    publish(report, spark, config.output.runs_table, report_file)
-    return report
+    return run_reported("embed", lambda report: _embed_stage(spark, config, report), spark, config.output.runs_table,
+                        run_id, report_file, run_date, rate=("embedded", "embed_seconds"))
 
 
 def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> None:

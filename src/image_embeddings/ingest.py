@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
-from image_embeddings.report import RunReport, errors_by_reason, new_run_id, publish, utcnow
+from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.tables import merge_changes, overwrite, read_table, table_version
 
 if TYPE_CHECKING:
@@ -298,19 +298,8 @@ def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run
 def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
                report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    report = RunReport(run_id=run_id or new_run_id("ingest"), stage="ingest", started_at=utcnow(),
-                       run_date=run_date)
-    try:
-        _ingest(spark, config, report)
-    except BaseException as exc:
-        report.finish("failed", exc)
-        publish(report, spark, config.output.runs_table, report_file)
-        raise
-    report.finish("succeeded")
-    seconds = max(report.duration_s or 0.0, 1e-6)
-    report.metrics["images_per_second"] = round(report.metrics.get("files_decoded", 0) / seconds, 2)
-    publish(report, spark, config.output.runs_table, report_file)
-    return report
+    return run_reported("ingest", lambda report: _ingest(spark, config, report), spark, config.output.runs_table,
+                        run_id, report_file, run_date, rate=("files_decoded", None))
 
 
 def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:

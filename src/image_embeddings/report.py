@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +111,29 @@ def errors_by_reason(df: DataFrame) -> dict[str, int]:
     rows = df.where(F.col("error").isNotNull()).groupBy(
         F.substring_index(F.col("error"), ":", 1).alias("reason")).count().collect()
     return {r["reason"]: int(r["count"]) for r in sorted(rows, key=lambda r: r["reason"])}
+
+
+def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSession, runs_table: str,
+                 run_id: str | None, report_file: str | None, run_date: str | None,
+                 rate: tuple[str, str | None]) -> RunReport:
+    """Run ``work`` with a fresh report and publish it, on success and on failure (then re-raise).
+
+    ``rate`` names the metric counted and the metric of seconds (None: the whole run) for
+    ``images_per_second``.
+    """
+    report = RunReport(run_id=run_id or new_run_id(stage), stage=stage, started_at=utcnow(), run_date=run_date)
+    try:
+        work(report)
+    except BaseException as exc:
+        report.finish("failed", exc)
+        publish(report, spark, runs_table, report_file)
+        raise
+    report.finish("succeeded")
+    count, seconds_key = rate
+    seconds = report.duration_s if seconds_key is None else report.metrics.get(seconds_key)
+    report.metrics["images_per_second"] = round(report.metrics.get(count, 0) / max(float(seconds or 0.0), 1e-6), 2)
+    publish(report, spark, runs_table, report_file)
+    return report
 
 
 def publish(report: RunReport, spark: SparkSession | None, runs_table: str | None,
