@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 MINIO_VERSION ?= v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO  := .tools/bin/minio
 
-.PHONY: setup demo test lint clean bench
+.PHONY: setup demo test lint clean bench dist
 
-setup: $(VENV)/.installed $(MINIO) .cache/ivy/.warm
+setup: $(VENV)/.installed $(MINIO) .cache/ivy/.warm .venv-airflow/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ $(MINIO):
 .cache/ivy/.warm: $(VENV)/.installed conf/local.yaml
 	$(PY) scripts/warm_jars.py --config conf/local.yaml
 	touch $@
+
+# A separate environment with Airflow and its Amazon and Databricks providers, to load the DAG in tests.
+.venv-airflow/.installed: pyproject.toml
+	test -x .venv-airflow/bin/python || $(PYTHON) -m venv .venv-airflow
+	.venv-airflow/bin/python -m pip install --quiet --upgrade pip
+	.venv-airflow/bin/python -m pip install --quiet "apache-airflow==2.11.2" "apache-airflow-providers-amazon>=9,<10" \
+		"apache-airflow-providers-databricks>=7,<8" -e .
+	touch $@
+
+# The wheel and the environments packed for spark-submit --archives (EMBED=1 adds the torch one).
+dist: setup
+	PY=$(PY) bash scripts/build_dist.sh
 
 demo: setup
 	$(PY) scripts/demo.py --config conf/local.yaml
