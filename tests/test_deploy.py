@@ -59,3 +59,111 @@ def test_both_jobs_under_spark_submit_one_with_the_packed_environment(tmp_path: 
     report = json.loads((tmp_path / "embed.json").read_text())
     assert report["status"] == "succeeded" and report["metrics"]["embedded"] == len(PHOTOS)
     assert report["metrics"]["model_loads"] == report["metrics"]["python_workers"]
+
+
+def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
+    from image_embeddings.config import load_config
+    from image_embeddings.deploy import emr_steps
+
+    steps = json.loads((REPO / "deploy" / "emr" / "steps.json").read_text())
+    assert steps == emr_steps("s3://my-bucket/image-embeddings", "2026-11-23"), "steps.json is rendered, not edited"
+    assert steps[0]["HadoopJarStep"]["Args"] == [
+        "spark-submit", "--deploy-mode", "cluster",
+        "--archives", "s3://my-bucket/image-embeddings/dist/env-ingest.tar.gz#environment",
+        "--conf", "spark.yarn.appMasterEnv.PYSPARK_PYTHON=./environment/bin/python",
+        "--conf", "spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python",
+        "--files", "s3://my-bucket/image-embeddings/conf/emr.yaml",
+        "s3://my-bucket/image-embeddings/jobs/ingest_images.py", "--config", "emr.yaml", "--run-date", "2026-11-23"]
+    embed_args = steps[1]["HadoopJarStep"]["Args"]
+    assert "s3://my-bucket/image-embeddings/dist/env-embed.tar.gz#environment" in embed_args
+    assert embed_args[-5] == "s3://my-bucket/image-embeddings/jobs/embed_images.py"
+    assert [s["ActionOnFailure"] for s in steps] == ["CANCEL_AND_WAIT", "CONTINUE"]
+
+    cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
+    classes = {c["Classification"]: c for c in cluster["Configurations"]}
+    assert classes["delta-defaults"]["Properties"] == {"delta.enabled": "true"}
+    assert classes["yarn-site"]["Properties"]["yarn.nodemanager.resource-plugins"] == "yarn.io/gpu"
+    assert classes["spark-defaults"]["Properties"]["spark.executor.resource.gpu.discoveryScript"] == (
+        "/usr/lib/spark/scripts/gpu/getGpusResources.sh")
+    groups = {g["InstanceRole"]: g for g in cluster["Instances"]["InstanceGroups"]}
+    assert groups["CORE"]["InstanceType"].startswith("m6i") and groups["TASK"]["InstanceType"].startswith("g5")
+    emr = load_config(REPO / "conf" / "emr.yaml")
+    assert emr.spark.embed_conf["spark.executor.resource.gpu.amount"] == "1"
+    assert emr.spark.embed_conf["spark.task.resource.gpu.amount"] == "0.5"
+    assert emr.spark.packages == () and emr.spark.master is None
+
+    fake_aws = tmp_path / "aws"
+    fake_aws.write_text('#!/usr/bin/env bash\necho "$@" > "$CALLS"\ncp "${6#file://}" "$CALLS.steps"\n')
+    fake_aws.chmod(0o755)
+    done = subprocess.run([str(REPO / "deploy" / "emr" / "submit.sh"), "j-ABC", "s3://b/p", "2026-11-24"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "AWS": str(fake_aws), "CALLS": str(tmp_path / "calls"),
+                               "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "calls").read_text().split()[:4] == ["emr", "add-steps", "--cluster-id", "j-ABC"]
+    assert json.loads((tmp_path / "calls.steps").read_text()) == emr_steps("s3://b/p", "2026-11-24")
+    usage = subprocess.run([str(REPO / "deploy" / "emr" / "submit.sh")], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_databricks_job_definition() -> None:
+    import tomllib
+
+    from image_embeddings.cli import build_parser
+    from image_embeddings.deploy import databricks_job
+
+    job = json.loads((REPO / "deploy" / "databricks" / "job.json").read_text())
+    assert job == databricks_job("/Workspace/Shared/image-embeddings"), "job.json is rendered, not edited"
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
+    assert "gpu-ml" in clusters["gpu"]["spark_version"] and "gpu" not in clusters["cpu"]["spark_version"]
+    assert clusters["gpu"]["spark_conf"]["spark.task.resource.gpu.amount"] == "0.5"
+    tasks = {t["task_key"]: t for t in job["tasks"]}
+    assert (tasks["ingest"]["job_cluster_key"], tasks["embed"]["job_cluster_key"]) == ("cpu", "gpu")
+    assert tasks["embed"]["depends_on"] == [{"task_key": "ingest"}]
+    for stage, task in tasks.items():
+        wheel_task = task["python_wheel_task"]
+        assert wheel_task["entry_point"] in scripts
+        args = build_parser().parse_args(wheel_task["parameters"])
+        assert (args.command, args.run_date) == (stage, "{{job.start_time.iso_date}}")
+        assert task["libraries"][0]["whl"].endswith(".whl")
+
+
+def _airflow_probe(tmp_path: Path, settings: Path | None = None) -> dict:
+    airflow_python = REPO / ".venv-airflow" / "bin" / "python"
+    assert airflow_python.exists(), "the Airflow environment is missing: run `make setup`"
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__UNIT_TEST_MODE": "True"}
+    if settings is not None:
+        env["IMAGE_EMBEDDINGS_DAG_SETTINGS"] = str(settings)
+    done = subprocess.run([str(airflow_python), str(REPO / "tests" / "airflow_probe.py"),
+                           str(REPO / "deploy" / "airflow")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
+    import yaml
+
+    from image_embeddings.deploy import emr_steps
+
+    emr = _airflow_probe(tmp_path)
+    assert emr["import_errors"] == {} and emr["dags"] == ["image_embeddings_nightly"]
+    assert emr["tasks"] == {"wait_for_upload": ["ingest"], "ingest": ["ingest_done"], "ingest_done": ["embed"],
+                            "embed": ["embed_done"], "embed_done": []}
+    assert set(emr["retries"].values()) == {2} and set(emr["timeouts"].values()) == {6 * 3600.0}
+    steps = emr_steps("s3://my-bucket/image-embeddings", "2026-11-23")
+    assert emr["rendered"]["ingest.steps"] == [steps[0]] and emr["rendered"]["embed.steps"] == [steps[1]]
+    assert emr["rendered"]["wait_for_upload.bucket_key"] == "raw-images/2026-11-23/*"
+
+    settings = yaml.safe_load((REPO / "deploy" / "airflow" / "settings.yaml").read_text())
+    settings["runner"] = "databricks"
+    del settings["upload_sensor"]
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
+    dbx = _airflow_probe(tmp_path, tmp_path / "settings.yaml")
+    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": []}
+    run = dbx["rendered"]["embed.json"]
+    task = run["tasks"][0]
+    assert run["run_name"] == "image-embeddings embed 2026-11-23"
+    assert task["python_wheel_task"]["parameters"][-2:] == ["--run-date", "2026-11-23"]
+    assert "gpu-ml" in task["new_cluster"]["spark_version"]

@@ -1,0 +1,88 @@
+"""Nightly image embeddings: (wait for the day's upload) -> ingest -> embed, for the run's `{{ ds }}`.
+
+Runs the jobs as EMR steps or as Databricks runs, chosen by `runner` in settings.yaml beside this file.
+The step arguments come from `image_embeddings.deploy`, the same code that renders deploy/emr/steps.json.
+Install the package (no extras) in the Airflow environment: `pip install spark-image-embeddings`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from airflow import DAG
+
+from image_embeddings.deploy import databricks_job, databricks_task, emr_steps
+
+SETTINGS_FILE = Path(os.environ.get("IMAGE_EMBEDDINGS_DAG_SETTINGS", Path(__file__).with_name("settings.yaml")))
+SETTINGS: dict[str, Any] = yaml.safe_load(SETTINGS_FILE.read_text())
+RUNNER = SETTINGS["runner"]
+if RUNNER not in ("emr", "databricks"):
+    raise ValueError(f"{SETTINGS_FILE}: runner must be emr or databricks, got {RUNNER!r}")
+TIMEOUT = dt.timedelta(hours=SETTINGS["timeout_hours"])
+
+default_args = {
+    "owner": "data-engineering",
+    "retries": SETTINGS["retries"],
+    "retry_delay": dt.timedelta(minutes=SETTINGS["retry_delay_minutes"]),
+    "execution_timeout": TIMEOUT,
+    "sla": TIMEOUT,
+}
+
+with DAG(
+    dag_id="image_embeddings_nightly",
+    description=__doc__.splitlines()[0],
+    schedule=SETTINGS["schedule"],
+    start_date=dt.datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=3 * TIMEOUT,
+    default_args=default_args,
+    tags=["image-embeddings"],
+) as dag:
+    stages: list[Any] = []
+    if RUNNER == "emr":
+        from airflow.providers.amazon.aws.operators.emr import EmrAddStepsOperator
+        from airflow.providers.amazon.aws.sensors.emr import EmrStepSensor
+
+        emr = SETTINGS["emr"]
+        for index, stage in enumerate(("ingest", "embed")):
+            add = EmrAddStepsOperator(
+                task_id=stage, job_flow_id=emr["cluster_id"], aws_conn_id=emr["aws_conn_id"],
+                steps=[emr_steps(emr["s3_prefix"], "{{ ds }}")[index]])
+            wait = EmrStepSensor(
+                task_id=f"{stage}_done", job_flow_id=emr["cluster_id"], aws_conn_id=emr["aws_conn_id"],
+                step_id="{{ task_instance.xcom_pull(task_ids='" + stage + "')[0] }}", timeout=TIMEOUT.total_seconds())
+            add >> wait
+            stages += [add, wait]
+    else:
+        from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
+
+        dbx = SETTINGS["databricks"]
+        job_clusters = databricks_job(dbx["workspace_dir"])["job_clusters"]
+        clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job_clusters}
+        for stage, kind in (("ingest", "cpu"), ("embed", "gpu")):
+            task = databricks_task(stage, dbx["workspace_dir"], "{{ ds }}")
+            task.pop("depends_on", None)  # Airflow orders the two runs
+            cluster = (dbx.get("existing_cluster_ids") or {}).get(stage)
+            if cluster:
+                task["existing_cluster_id"] = cluster
+            else:
+                task["new_cluster"] = clusters[kind]
+            run: dict[str, Any] = {"run_name": f"image-embeddings {stage} {{{{ ds }}}}", "tasks": [task]}
+            stages.append(DatabricksSubmitRunOperator(task_id=stage, databricks_conn_id=dbx["conn_id"], json=run))
+    for upstream, downstream in zip(stages, stages[1:], strict=False):
+        upstream >> downstream
+
+    sensor = SETTINGS.get("upload_sensor")
+    if sensor:
+        from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+
+        wait_for_upload = S3KeySensor(
+            task_id="wait_for_upload", bucket_name=sensor["bucket"], bucket_key=sensor["key"], wildcard_match=True,
+            aws_conn_id=sensor["aws_conn_id"], mode="reschedule", poke_interval=300,
+            timeout=dt.timedelta(hours=sensor["timeout_hours"]).total_seconds())
+        wait_for_upload >> stages[0]
