@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.tables import merge_changes, read_table, table_version
+from image_embeddings.tables import merge_changes, read_table, table_version, with_commit_retries
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -189,8 +189,8 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
         m["removed"] = n_stale
         if int(stats["rows"]) or n_stale or existing is None:
             with report.step("write_embeddings_table"):
-                merge_changes(spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale,
-                              ["image_id", "model_key"])
+                _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
+                    spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale, ["image_id", "model_key"]))
     finally:
         result.unpersist()
     m["embeddings_table_version"] = table_version(spark, out.embeddings_table)

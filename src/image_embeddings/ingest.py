@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.tables import merge_changes, overwrite, read_table, table_version
+from image_embeddings.tables import merge_changes, overwrite, read_table, table_version, with_commit_retries
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -366,7 +366,8 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             removed = plan.where(F.col("status") == "removed").select("path")
             if int(stats["rows"]) or m["files_removed"] or files is None:
                 with report.step("write_files_table"):
-                    merge_changes(spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path")
+                    _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
+                        spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path"))
         finally:
             if decoded is not None:
                 decoded.unpersist()
@@ -381,7 +382,8 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
         _sales_match_counts(images, sales, m)
     with report.step("write_images_table"):
         desired = join_sales(images, sales, inp.join)
-        _update_images_table(spark, desired, out.images_table, report, inp.join)
+        _, m["images_table_attempts"] = with_commit_retries(
+            out.images_table, lambda: _update_images_table(spark, desired, out.images_table, report, inp.join))
         m["images_table_version"] = table_version(spark, out.images_table)
     m["stage_seconds"] = round(time.monotonic() - started, 3)
 

@@ -83,7 +83,7 @@ class RunReport:
 
     def summary(self) -> str:
         """Return the one-line summary that is logged."""
-        flat = " ".join(f"{k}={_short(v)}" for k, v in sorted(self.metrics.items()))
+        flat = " ".join(f"{k}={_short(v)}" for k, v in sorted(redact(self.metrics).items()))
         return (f"run_id={self.run_id} stage={self.stage} status={self.status} "
                 f"duration_s={self.duration_s} {flat}").strip()
 

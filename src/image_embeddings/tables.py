@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+COMMIT_ATTEMPTS = 4
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Other writers kept committing to the same table; this run committed nothing there."""
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """True for Delta's optimistic-concurrency conflicts, and for a table created by another writer meanwhile."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"DeltaConcurrentModificationException", "ConcurrentAppendException", "ConcurrentWriteException",
+                "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+                "MetadataChangedException", "ProtocolChangedException"}:
+        return True
+    text = str(exc)
+    return any(marker in text for marker in ("PATH_ALREADY_EXISTS", "DELTA_PATH_EXISTS", "ConcurrentAppendException",
+                                             "ConcurrentDeleteReadException"))
+
+
+def with_commit_retries(what: str, commit: Callable[[], T], attempts: int = COMMIT_ATTEMPTS) -> tuple[T, int]:
+    """Run ``commit`` (which must recompute what it writes from the table as it is now) until it commits.
+
+    A conflict with another writer (a notebook rerun beside the nightly job) is retried up to ``attempts`` times
+    with a short back-off; past that a :class:`ConcurrentWriteError` says so. Returns the result and the attempt
+    count. Delta's atomic commits mean a failed attempt leaves nothing behind.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return commit(), attempt
+        except Exception as exc:
+            if not is_write_conflict(exc):
+                raise
+            if attempt == attempts:
+                raise ConcurrentWriteError(
+                    f"{what}: another writer kept committing to the same table; gave up after {attempts} attempts "
+                    "(nothing of this run was committed there; run it again)") from exc
+            log.warning("%s: concurrent write conflict (%s), retrying (%d/%d)", what, type(exc).__name__, attempt,
+                        attempts)
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
