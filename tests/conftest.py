@@ -50,7 +50,7 @@ def spark(base_overrides: list[str], tmp_path_factory: pytest.TempPathFactory): 
         *base_overrides, f"input.images={scratch}/images", f"input.sales={scratch}/sales",
         f"output.images_table={scratch}/t/images", f"output.embeddings_table={scratch}/t/embeddings",
         f"output.runs_table={scratch}/t/runs", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}",
-        "spark.conf.spark.sql.shuffle.partitions=2",
+        "spark.conf.spark.sql.shuffle.partitions=2", "spark.master=local[2,4]",  # 4 tries per task, as on a cluster
         f"spark.conf.spark.local.dir={scratch}/local"])
     session = get_spark(config)
     yield session

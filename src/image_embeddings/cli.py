@@ -80,6 +80,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.pipeline import run_pipeline
     from image_embeddings.similar import SimilarError
     from image_embeddings.spark import get_spark
+    from image_embeddings.tables import ConcurrentWriteError, IncompatibleTableError
 
     spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command)
     try:
@@ -92,7 +93,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         stage = {"ingest": run_ingest, "embed": run_embed}[args.command]
         report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
         return 0 if report.status == "succeeded" else 1
-    except (IngestError, EmbedError, WeightsError, SimilarError) as exc:
+    except (IngestError, EmbedError, WeightsError, SimilarError, IncompatibleTableError, ConcurrentWriteError) as exc:
         log.error("%s failed: %s", args.command, exc)
         return 1
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.tables import merge_changes, read_table, table_version, with_commit_retries
+from image_embeddings.tables import merge_changes, read_table, require_columns, table_version, with_commit_retries
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -143,6 +143,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     images = read_table(spark, out.images_table)
     if images is None:
         raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
+    require_columns(images, out.images_table, ("image_id", "sha256", "image"), "output.images_table")
     weights = resolve_config_weights(config)
     settings = embedder_settings(config, weights)
     preprocess_id = config.preprocess.preprocess_id
@@ -152,6 +153,8 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
 
     with report.step("plan"):
         existing = read_table(spark, out.embeddings_table)
+        if existing is not None:
+            require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
         todo = select_todo(images, existing, key)
         # Spread the images over every task slot (every core, or every GPU share) of the cluster.
         todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)

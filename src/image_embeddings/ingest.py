@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.tables import merge_changes, overwrite, read_table, table_version, with_commit_retries
+from image_embeddings.tables import (
+    merge_changes,
+    overwrite,
+    read_table,
+    require_columns,
+    table_version,
+    with_commit_retries,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -320,6 +327,12 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
     with report.step("list"):
         listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
         files = read_table(spark, out.files_table_path)
+        if files is not None:
+            require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
+        images_now = read_table(spark, out.images_table)
+        if images_now is not None:
+            require_columns(images_now, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
+                            "output.images_table")
     plan = plan_files(listing, files, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
     plan = plan.persist(StorageLevel.MEMORY_AND_DISK)
     try:

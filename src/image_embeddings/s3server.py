@@ -72,14 +72,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(data_dir: str | Path, port: int | None = None, timeout_s: float = 60.0) -> S3Server:
-    """Start MinIO on 127.0.0.1 with fresh random credentials and wait until it answers."""
+def start(data_dir: str | Path, port: int | None = None, timeout_s: float = 60.0, access_key: str | None = None,
+          secret_key: str | None = None) -> S3Server:
+    """Start MinIO on 127.0.0.1 (fresh random credentials unless given) and wait until it answers."""
     binary = find_minio()
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     console = _free_port()
-    access_key, secret_key = "test" + secrets.token_hex(4), secrets.token_hex(16)
+    access_key = access_key or "test" + secrets.token_hex(4)
+    secret_key = secret_key or secrets.token_hex(16)
     env = {**os.environ, "MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key,
            "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"}
     log_file = open(data.parent / f"minio-{port}.log", "wb")  # noqa: SIM115 - lives as long as the server

@@ -117,5 +117,19 @@ def overwrite(df: DataFrame, path: str) -> None:
 
 
 def append(df: DataFrame, path: str) -> None:
-    """Append rows to a Delta table, creating it when needed."""
-    df.write.format("delta").mode("append").save(path)
+    """Append rows to a Delta table, creating it when needed; new columns extend an older table's schema."""
+    df.write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+
+
+class IncompatibleTableError(RuntimeError):
+    """A table lacks columns this version needs (written by an older version, or by something else)."""
+
+
+def require_columns(df: DataFrame, path: str, needed: tuple[str, ...], what: str) -> None:
+    """Refuse, naming the missing columns, a table that cannot be extended in place; nothing is changed."""
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise IncompatibleTableError(
+            f"{what} at {path} lacks column(s) {', '.join(missing)}: it was written by an older version of "
+            "spark-image-embeddings or by another tool. Nothing was changed. Point the output at a new location, "
+            "or add the columns (ALTER TABLE ... ADD COLUMNS) and run again.")
