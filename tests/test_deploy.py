@@ -15,14 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = "io.delta:delta-spark_2.13:4.0.1,org.apache.hadoop:hadoop-aws:3.4.1"
 
 
-def _spark_submit(job: str, python: str, sets: list[str], report: Path) -> subprocess.CompletedProcess[str]:
+def _spark_submit(job: str, python: str, sets: list[str], report: Path, extra: tuple[str, ...] = ()
+                  ) -> subprocess.CompletedProcess[str]:
     import pyspark
 
     env = {**os.environ, "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python,
            "SPARK_HOME": os.path.dirname(pyspark.__file__)}
     env.pop("PYTHONPATH", None)
     command = [str(REPO / ".venv" / "bin" / "spark-submit"), "--master", "local[2]", "--packages", PACKAGES,
-               "--conf", f"spark.jars.ivy={REPO / '.cache' / 'ivy'}", "--conf", "spark.ui.enabled=false",
+               "--conf", f"spark.jars.ivy={REPO / '.cache' / 'ivy'}", "--conf", "spark.ui.enabled=false", *extra,
                str(REPO / "jobs" / job), "--config", str(REPO / "conf" / "local.yaml"),
                *[a for s in sets for a in ("--set", s)], "--report", str(report)]
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -54,8 +55,14 @@ def test_both_jobs_under_spark_submit_one_with_the_packed_environment(tmp_path: 
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     assert json.loads((tmp_path / "ingest.json").read_text())["metrics"]["files_decoded"] == len(PHOTOS)
 
-    embed = _spark_submit("embed_images.py", str(REPO / ".venv" / "bin" / "python"), sets, tmp_path / "embed.json")
+    # spark-submit passes the Python driver's output on through its stdout.
+    assert f"({env_dir}/lib/" in ingest.stdout, "the driver ran the package from the unpacked archive"
+
+    # Stage 2 on a node whose Python already has torch (a GPU image): the package is shipped as the wheel.
+    embed = _spark_submit("embed_images.py", str(REPO / ".venv" / "bin" / "python"), sets, tmp_path / "embed.json",
+                          ("--py-files", str(wheel)))
     assert embed.returncode == 0, embed.stderr[-3000:]
+    assert f"{wheel.name}/image_embeddings/__init__.py)" in embed.stdout, "the package came from the shipped wheel"
     report = json.loads((tmp_path / "embed.json").read_text())
     assert report["status"] == "succeeded" and report["metrics"]["embedded"] == len(PHOTOS)
     assert report["metrics"]["model_loads"] == report["metrics"]["python_workers"]

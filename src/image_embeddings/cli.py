@@ -82,6 +82,9 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.spark import get_spark
     from image_embeddings.tables import ConcurrentWriteError, IncompatibleTableError
 
+    import image_embeddings
+
+    log.info("image-embeddings %s (%s) %s", image_embeddings.__version__, image_embeddings.__file__, args.command)
     spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command)
     try:
         if args.command == "similar":

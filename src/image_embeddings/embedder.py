@@ -392,6 +392,7 @@ class Embedder:
         """Embed image bytes; a row that cannot be decoded gets a NaN embedding and an error, never an exception."""
 
         self.calls += 1
+        images = list(images)  # a pandas Series indexes by label; positions are wanted here
         errors: list[str | None] = [None] * len(images)
         use_gpu = self.device == "cuda" and self.settings.decode in ("auto", "gpu")
         pixels, good = self._decode_gpu(images, errors) if use_gpu else self._decode_cpu(images, errors)
