@@ -63,8 +63,9 @@ def _python_workers() -> list[int]:
     return sorted(pid for pid, parent in forks.items() if parent in daemons)
 
 
-def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any, make_config: Any,
-                                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["ingest", "embed"])
+def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any, make_config: Any, tmp_path: Path,
+                                                                      stage: str) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     ids = []
@@ -72,11 +73,13 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
         array = photo(name)
         for suffix, variant in [("", array), *variants(array)]:
             ids.append(f"{name}{suffix and '_' + suffix}")
-            (folder / f"{ids[-1]}.jpg").write_bytes(encode(variant, size=(320, 240)))
+            size = (320, 240) if stage == "embed" else (2400, 1800)
+            (folder / f"{ids[-1]}.jpg").write_bytes(encode(variant, size=size))
     write_sales(tmp_path / "sales", ids)
     config = make_config(folder, tmp_path / "sales", "model.weights=random:0", "model.partitions=4",
-                         "model.arrow_batch_rows=4", "model.batch_size=4")
-    run_ingest(spark, config)
+                         "model.arrow_batch_rows=4", "model.batch_size=4", "spark.arrow_max_records_per_batch=2")
+    if stage == "embed":
+        run_ingest(spark, config)
     killed: list[int] = []
     done = threading.Event()
 
@@ -86,23 +89,29 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
             if tracker.getActiveStageIds():
                 workers = _python_workers()
                 if workers:
-                    time.sleep(1.0)  # let a task get going inside the worker
+                    time.sleep(1.0 if stage == "embed" else 0.3)  # let a task get going inside the worker
                     os.kill(workers[0], signal.SIGKILL)
                     killed.append(workers[0])
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        report = run_embed(spark, config)
+        report = (run_embed if stage == "embed" else run_ingest)(spark, config)
     finally:
         done.set()
         thread.join(timeout=30)
     assert killed, "a Python worker was killed during the run"
-    assert report.status == "succeeded" and report.metrics["embedded"] == len(ids)
-    rows = spark.read.format("delta").load(config.output.embeddings_table)
+    assert report.status == "succeeded"
+    if stage == "ingest":
+        assert report.metrics["files_decoded"] == len(ids) and report.metrics["errors"] == {}
+        rows = spark.read.format("delta").load(config.output.images_table)
+        assert rows.where("image IS NOT NULL").count() == len(ids)
+    else:
+        assert report.metrics["embedded"] == len(ids)
+        rows = spark.read.format("delta").load(config.output.embeddings_table)
+        assert rows.where("embedding IS NULL").count() == 0
     assert rows.count() == len(ids) == rows.select("image_id").distinct().count()
-    assert rows.where("embedding IS NULL").count() == 0
 
 
 def test_soak_many_runs_on_growing_changing_input(spark: Any, make_config: Any, tmp_path: Path) -> None:

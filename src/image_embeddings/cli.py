@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
+    import image_embeddings
     from image_embeddings.embed import EmbedError, run_embed
     from image_embeddings.embedder import WeightsError
     from image_embeddings.ingest import IngestError, run_ingest
@@ -81,8 +82,6 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.similar import SimilarError
     from image_embeddings.spark import get_spark
     from image_embeddings.tables import ConcurrentWriteError, IncompatibleTableError
-
-    import image_embeddings
 
     log.info("image-embeddings %s (%s) %s", image_embeddings.__version__, image_embeddings.__file__, args.command)
     spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command)
