@@ -377,3 +377,17 @@ def test_read_sales_key_and_image_id_both_present(spark: Any, tmp_path: Path) ->
 def test_read_sales_unreadable_location(spark: Any, tmp_path: Path) -> None:
     with pytest.raises(IngestError, match=r"^input\.sales: cannot read Parquet at "):
         read_sales(spark, str(tmp_path / "missing"), "sku")
+
+
+def test_extensions_glob_is_case_insensitive() -> None:
+    import fnmatch
+
+    from image_embeddings.ingest import extensions_glob
+
+    glob = extensions_glob(("jpg", ".PNG", "webp"))
+    assert glob == "*.{[jJ][pP][gG],[pP][nN][gG],[wW][eE][bB][pP]}"
+    # Hadoop's {a,b} alternation, spelled out for Python's fnmatch, which knows only the classes.
+    patterns = ["*." + alt for alt in glob[3:-1].split(",")]
+    for name, listed in (("IMG_1.JPG", True), ("a.Png", True), ("b.webp", True), ("c.jpg.txt", False),
+                         ("d.jpeg", False), ("e.gif", False)):
+        assert any(fnmatch.fnmatchcase(name, p) for p in patterns) == listed, name

@@ -60,7 +60,8 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
     from pyspark.sql import functions as F
 
     try:
-        df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+        df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+              .option("pathGlobFilter", extensions_glob(extensions)).load(root))
     except AnalysisException as exc:
         raise IngestError(f"input.images: cannot list {root}: {exc}") from exc
     listing = select_extensions(df.select("path", F.col("length").alias("file_size"),
@@ -83,11 +84,14 @@ def _uri_to_path(uri: str) -> str:
     return "file:/" + path[len("file:///"):] if path.startswith("file:///") else path
 
 
-def read_contents(spark: SparkSession, locations: list[str], max_file_bytes: int) -> DataFrame:
+def read_contents(spark: SparkSession, locations: list[str], max_file_bytes: int,
+                  extensions: tuple[str, ...] | None = None) -> DataFrame:
     """Read file contents of the given files or folders; files above the byte limit are never opened."""
     from pyspark.sql import functions as F
 
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+    if extensions:
+        reader = reader.option("pathGlobFilter", extensions_glob(extensions))
     df = reader.load([_escape_glob(p) for p in locations])
     return df.where(F.col("length") <= max_file_bytes).select(
         "path", F.col("length").alias("file_size"), F.col("modificationTime").alias("modification_time"),
@@ -125,6 +129,18 @@ def _escape_glob(location: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # transforms
+
+
+def extensions_glob(extensions: tuple[str, ...]) -> str:
+    """A Hadoop glob for file names with these extensions in any letter case: ``*.{[jJ][pP][gG],...}``.
+
+    ``pathGlobFilter`` is case-sensitive, so each letter becomes a class; the filter then works inside the file
+    listing, and files of other types are neither listed nor read.
+    """
+    def any_case(ext: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext.lstrip("."))
+
+    return "*.{" + ",".join(any_case(e) for e in extensions) + "}"
 
 
 def select_extensions(df: DataFrame, extensions: tuple[str, ...]) -> DataFrame:
@@ -357,7 +373,8 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
         if n_to_read:
             locations = [root] if n_to_read == n_readable else [
                 row["path"] for row in to_read.select("path").collect()]
-            contents = select_extensions(read_contents(spark, locations, inp.max_file_bytes), inp.extensions)
+            contents = select_extensions(read_contents(spark, locations, inp.max_file_bytes, inp.extensions),
+                                         inp.extensions)
             decoded = decode_files(with_image_id(contents, inp.image_id_pattern), pre, report.run_id,
                                    ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
             # A listed file that could not be read now (deleted or grown past the limit meanwhile).
