@@ -178,15 +178,16 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
         assert stats is not None
         m["embed_seconds"] = round(time.monotonic() - started, 3)
-        workers = result.groupBy("_pid").agg(F.max("_loads").alias("loads"), F.max("_batches").alias("batches"),
-                                             F.min("_batches").alias("first")).collect()
+        workers = result.groupBy("_pid").agg(
+            F.max("_loads").alias("loads"), F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
+            F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
         m["python_workers"] = len(workers)
         m["model_loads"] = sum(int(r["loads"]) for r in workers)
         m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
         m["embedded"] = int(stats["ok"])
         m["errors"] = errors_by_reason(result)
-        m["device"] = sorted({r[0] for r in result.select("device").distinct().collect() if r[0]})
-        m["precision"] = sorted({r[0] for r in result.select("precision").distinct().collect() if r[0]})
+        m["device"] = sorted({d for r in workers for d in r["devices"] if d})
+        m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
         n_stale = stale.count() if stale is not None else 0
         m["skipped"] = m["rows_considered"] - int(stats["rows"])
         m["removed"] = n_stale
