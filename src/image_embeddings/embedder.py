@@ -472,23 +472,22 @@ class Embedder:
 
 _LOCK = threading.Lock()
 _EMBEDDERS: dict[EmbedderSettings, Embedder] = {}
-_LOADS = 0
+_LOADS: dict[EmbedderSettings, int] = {}
 
 
 def cached_embedder(settings: EmbedderSettings) -> Embedder:
     """Return this process's embedder for ``settings``, loading the model only the first time."""
-    global _LOADS
     with _LOCK:
         embedder = _EMBEDDERS.get(settings)
         if embedder is None:
             embedder = Embedder(settings)
             _EMBEDDERS[settings] = embedder
-            _LOADS += 1
+            _LOADS[settings] = _LOADS.get(settings, 0) + 1
             log.info("loaded %s (%s, %s, %s) in process %d", settings.model, embedder.weights.checksum[:19],
                      embedder.device, embedder.precision, os.getpid())
         return embedder
 
 
-def load_count() -> int:
-    """How many models this process has loaded so far."""
-    return _LOADS
+def load_count(settings: EmbedderSettings) -> int:
+    """How many times this process has loaded the model for ``settings`` (1 once loaded: it is kept)."""
+    return _LOADS.get(settings, 0)
