@@ -152,3 +152,15 @@ def test_example_notebook_runs(tmp_path: Path) -> None:
                       for o in cell.get("outputs", []))
     assert "stage=ingest status=succeeded" in outputs and "stage=embed status=succeeded" in outputs
     assert "2026-11-23" in outputs
+
+
+def test_each_stage_uses_its_own_arrow_batch_size_and_restores_the_session(spark: Any, built: dict[str, Any]) -> None:
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    spark.conf.set(key, "4096")  # what a notebook might have set
+    run_pipeline(spark, built["config"])
+    assert spark.conf.get(key) == "4096", "the stages put the session's setting back"
+    from image_embeddings.spark import session_conf
+
+    with session_conf(spark, {key: "7"}):
+        assert spark.conf.get(key) == "7"
+    assert spark.conf.get(key) == "4096"

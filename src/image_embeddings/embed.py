@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
+from image_embeddings.spark import session_conf
 from image_embeddings.tables import merge_changes, read_table, require_columns, table_version, with_commit_retries
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
                 "device": embedder.device,
                 "precision": embedder.precision,
                 "worker_pid": os.getpid(),
-                "model_loads": load_count(),
+                "model_loads": load_count(settings),
                 "worker_batches": embedder.calls,
             })
 
@@ -160,41 +161,43 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
         todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)
         stale = stale_rows(images, existing, key)
         m["rows_considered"] = images.count()
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(mc.arrow_batch_rows))
-    embedded_at = utcnow()
-    started = time.monotonic()
-    result = todo.withColumn("_e", embed_column(F.col("image"), settings)).select(
-        "image_id", F.lit(key).alias("model_key"), "sha256", F.col("_e.embedding").alias("embedding"),
-        F.lit(mc.name).alias("model"), F.lit(weights.checksum).alias("weights_checksum"),
-        F.lit(preprocess_id).alias("preprocess_id"), F.lit(mc.normalize).alias("normalized"),
-        F.col("_e.precision").alias("precision"), F.col("_e.device").alias("device"),
-        F.col("_e.error").alias("error"), F.lit(report.run_id).alias("run_id"),
-        F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
-        F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
-        F.col("_e.worker_batches").alias("_batches"),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        with report.step("embed"):
-            stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
-        assert stats is not None
-        m["embed_seconds"] = round(time.monotonic() - started, 3)
-        workers = result.groupBy("_pid").agg(
-            F.max("_loads").alias("loads"), F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
-            F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
-        m["python_workers"] = len(workers)
-        m["model_loads"] = sum(int(r["loads"]) for r in workers)
-        m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
-        m["embedded"] = int(stats["ok"])
-        m["errors"] = errors_by_reason(result)
-        m["device"] = sorted({d for r in workers for d in r["devices"] if d})
-        m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
-        n_stale = stale.count() if stale is not None else 0
-        m["skipped"] = m["rows_considered"] - int(stats["rows"])
-        m["removed"] = n_stale
-        if int(stats["rows"]) or n_stale or existing is None:
-            with report.step("write_embeddings_table"):
-                _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
-                    spark, out.embeddings_table, result.select(*EMBEDDING_COLUMNS), stale, ["image_id", "model_key"]))
-    finally:
-        result.unpersist()
+    # The embedding UDF's own batch size, for this stage only (stage 1 keeps its smaller batches of whole files).
+    with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(mc.arrow_batch_rows)}):
+        embedded_at = utcnow()
+        started = time.monotonic()
+        result = todo.withColumn("_e", embed_column(F.col("image"), settings)).select(
+            "image_id", F.lit(key).alias("model_key"), "sha256", F.col("_e.embedding").alias("embedding"),
+            F.lit(mc.name).alias("model"), F.lit(weights.checksum).alias("weights_checksum"),
+            F.lit(preprocess_id).alias("preprocess_id"), F.lit(mc.normalize).alias("normalized"),
+            F.col("_e.precision").alias("precision"), F.col("_e.device").alias("device"),
+            F.col("_e.error").alias("error"), F.lit(report.run_id).alias("run_id"),
+            F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
+            F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
+            F.col("_e.worker_batches").alias("_batches"),
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            with report.step("embed"):
+                stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+            assert stats is not None
+            m["embed_seconds"] = round(time.monotonic() - started, 3)
+            workers = result.groupBy("_pid").agg(
+                F.max("_loads").alias("loads"), F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
+                F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
+            m["python_workers"] = len(workers)
+            m["model_loads"] = sum(int(r["loads"]) for r in workers)
+            m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
+            m["embedded"] = int(stats["ok"])
+            m["errors"] = errors_by_reason(result)
+            m["device"] = sorted({d for r in workers for d in r["devices"] if d})
+            m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
+            n_stale = stale.count() if stale is not None else 0
+            m["skipped"] = m["rows_considered"] - int(stats["rows"])
+            m["removed"] = n_stale
+            if int(stats["rows"]) or n_stale or existing is None:
+                with report.step("write_embeddings_table"):
+                    rows = result.select(*EMBEDDING_COLUMNS)
+                    _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
+                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"]))
+        finally:
+            result.unpersist()
     m["embeddings_table_version"] = table_version(spark, out.embeddings_table)

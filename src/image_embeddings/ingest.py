@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
+from image_embeddings.spark import runtime_settings, session_conf
 from image_embeddings.tables import (
     merge_changes,
     overwrite,
@@ -321,7 +322,12 @@ def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run
 def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
                report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    return run_reported("ingest", lambda report: _ingest(spark, config, report), spark, config.output.runs_table,
+    def work(report: RunReport) -> None:
+        # Stage 1's Arrow batches carry whole files: keep them small even if another stage changed the setting.
+        with session_conf(spark, runtime_settings(config)):
+            _ingest(spark, config, report)
+
+    return run_reported("ingest", work, spark, config.output.runs_table,
                         run_id, report_file, run_date, rate=("files_decoded", None))
 
 

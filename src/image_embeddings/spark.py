@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,22 @@ def runtime_settings(config: AppConfig) -> dict[str, str]:
         # Spark 4.0+; Spark 3.5 ignores it and the row bound (times input.max_file_bytes) is the limit.
         "spark.sql.execution.arrow.maxBytesPerBatch": str(config.spark.arrow_max_bytes_per_batch),
     }
+
+
+@contextlib.contextmanager
+def session_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Set SQL settings for the duration of a stage and put the previous values back afterwards."""
+    previous: dict[str, str | None] = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, old in previous.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)
 
 
 def get_spark(config: AppConfig, stage: str | None = None) -> SparkSession:
