@@ -26,6 +26,30 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_weights(tmp_path_factory.mktemp("weights") / "resnet50-test.pth")
 
 
+def test_torch_threads_in_a_spark_task_follow_spark_task_cpus(spark: Any) -> None:
+    import pandas as pd
+
+    from image_embeddings.embedder import EmbedderSettings
+
+    def probe(batches: Any) -> Any:
+        import torch
+
+        from image_embeddings.embed import worker_settings
+        from image_embeddings.embedder import cached_embedder
+
+        for _ in batches:
+            default = worker_settings(EmbedderSettings("resnet50", "random:0", device="cpu"))
+            cached_embedder(default)
+            threads = torch.get_num_threads()
+            chosen = worker_settings(EmbedderSettings("resnet50", "random:0", threads=3)).threads
+            yield pd.DataFrame({"default": [default.threads], "torch": [threads], "chosen": [chosen]})
+
+    rows = spark.range(0, 2, 1, 2).mapInPandas(probe, "default INT, torch INT, chosen INT").collect()
+    task_cpus = int(spark.conf.get("spark.task.cpus", "1"))
+    assert [tuple(r) for r in rows] == [(task_cpus, task_cpus, 3)] * 2
+    assert os.cpu_count() != task_cpus  # else this would not tell torch's default from the task's CPUs
+
+
 def _rows(spark: Any, path: str) -> list[dict[str, Any]]:
     return [r.asDict() for r in spark.read.format("delta").load(path).collect()]
 

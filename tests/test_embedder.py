@@ -66,6 +66,27 @@ def test_equivalent_to_torchvision_on_the_same_weights_and_pixels(weights: Path,
     assert_same_embeddings(result.embeddings, reference_embeddings(weights, thumbs), min_cosine)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_onednn_engine_agrees_with_eager_and_is_the_cpu_default(weights: Path, thumbs: list[bytes],
+                                                                precision: str) -> None:
+    def embedder(engine: str) -> Embedder:
+        return Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision=precision, batch_size=4,
+                                         engine=engine))
+
+    auto, eager = embedder("auto"), embedder("eager")
+    assert (auto.engine, eager.engine) == ("onednn", "eager")
+    ours = auto.embed(thumbs).embeddings
+    assert_same_embeddings(ours, eager.embed(thumbs).embeddings, 0.9999 if precision == "fp32" else 0.999)
+    assert_same_embeddings(ours, reference_embeddings(weights, thumbs), 0.9999 if precision == "fp32" else 0.999)
+
+
+def test_onednn_engine_is_refused_where_it_cannot_run() -> None:
+    vit = Embedder(EmbedderSettings("vit_b_16", "random:0", device="cpu", precision="fp32"))
+    assert vit.engine == "eager"  # auto: no oneDNN form for a transformer, so eager
+    with pytest.raises(RuntimeError, match=r"model.engine=onednn needs .* \(vit_b_16 on cpu in fp32 has none\)"):
+        Embedder(EmbedderSettings("vit_b_16", "random:0", device="cpu", precision="fp32", engine="onednn"))
+
+
 def test_raw_features_when_normalize_is_off(weights: Path, thumbs: list[bytes]) -> None:
     embedder = Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", precision="fp32",
                                          normalize=False))

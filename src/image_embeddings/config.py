@@ -110,6 +110,7 @@ class ModelConfig:
     arrow_batch_rows: int = 256
     partitions: int | None = None
     decode: Literal["auto", "cpu", "gpu"] = "auto"
+    engine: Literal["auto", "eager", "onednn"] = "auto"
 
 
 @dataclass(frozen=True)

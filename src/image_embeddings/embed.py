@@ -39,7 +39,7 @@ def embedder_settings(config: AppConfig, weights: Weights) -> EmbedderSettings:
     return EmbedderSettings(model=m.name, weights=m.weights, device=m.device, precision=m.precision,
                             batch_size=m.batch_size, normalize=m.normalize, cache_dir=m.cache_dir,
                             threads=m.threads, s3=S3Access(config.s3.endpoint, config.s3.region),
-                            checksum=weights.checksum, decode=m.decode)
+                            checksum=weights.checksum, decode=m.decode, engine=m.engine)
 
 
 def resolve_config_weights(config: AppConfig) -> Weights:
@@ -71,10 +71,11 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
 
         from image_embeddings.embedder import cached_embedder, load_count
 
+        own = worker_settings(settings)
         embedder = None
         for batch in batches:
             if embedder is None:
-                embedder = cached_embedder(settings)
+                embedder = cached_embedder(own)
             result = embedder.embed(list(batch))
             pairs = zip(result.embeddings, result.errors, strict=True)
             vectors = [None if err is not None else row for row, err in pairs]
@@ -84,13 +85,29 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
                 "device": embedder.device,
                 "precision": embedder.precision,
                 "worker_pid": os.getpid(),
-                "model_loads": load_count(settings),
+                "model_loads": load_count(own),
                 "worker_batches": embedder.calls,
             })
 
     # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.
     _embed.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
     return pandas_udf(_embed, EMBED_STRUCT)(image)  # type: ignore[call-overload]
+
+
+def worker_settings(settings: EmbedderSettings) -> EmbedderSettings:
+    """``settings`` for this Spark task: torch threads default to the task's CPUs (``spark.task.cpus``).
+
+    torch would start one thread per core in every Python worker; with one worker per task slot that
+    oversubscribes the executor (two workers of two threads on two cores ran at half the speed of one thread each).
+    """
+    import dataclasses
+
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    if settings.threads or context is None:
+        return settings
+    return dataclasses.replace(settings, threads=max(1, context.cpus()))
 
 
 def select_todo(images: DataFrame, embeddings: DataFrame | None, key: str) -> DataFrame:

@@ -48,6 +48,7 @@ class ModelSpec:
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    onednn: bool = False  # a CNN whose every op runs on oneDNN tensors: see :func:`to_onednn`
 
 
 def _identity() -> Any:
@@ -91,7 +92,8 @@ def _vit_b_16_imagenet() -> Any:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet50": ModelSpec("resnet50", 2048, _resnet50, _resnet50_headless, ("fc.",), _resnet50_imagenet),
+    "resnet50": ModelSpec("resnet50", 2048, _resnet50, _resnet50_headless, ("fc.",), _resnet50_imagenet,
+                          onednn=True),
     "vit_b_16": ModelSpec("vit_b_16", 768, _vit_b_16, _vit_headless, ("heads.",), _vit_b_16_imagenet),
 }
 
@@ -263,6 +265,57 @@ def fuse_conv_bn(model: Any) -> Any:
         return model
 
 
+def to_onednn(model: Any, dtype: Any) -> Any:
+    """The same CNN running on oneDNN ("mkldnn") tensors end to end, for CPUs.
+
+    Each convolution keeps its weights pre-reordered into oneDNN's blocked layout, and activations stay in that
+    layout from the first layer to the pooled output, so no layer converts them back and forth. With bf16 on
+    this machine's AMX that ran ResNet50 at about 2.3 times the speed of eager channels_last autocast. Takes
+    float32 NCHW input, returns dense float32.
+    """
+    import copy
+
+    import torch
+
+    class OneDnnConv2d(torch.nn.Module):
+        def __init__(self, conv: Any) -> None:
+            super().__init__()
+            if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+                raise ValueError(f"convolution with padding {conv.padding!r}/{conv.padding_mode} has no oneDNN form")
+            self.stride, self.padding = conv.stride, conv.padding
+            self.dilation, self.groups = conv.dilation, conv.groups
+            weight = conv.weight.detach().float().to_mkldnn(dtype)
+            reorder = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
+            if reorder is not None:  # pre-packed once, instead of at every call
+                weight = reorder(weight, self.padding, self.stride, self.dilation, self.groups)
+            bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+            self.weight: torch.Tensor
+            self.bias: torch.Tensor
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias.float().to_mkldnn())  # fp32 bias: oneDNN's choice for accuracy
+
+        def forward(self, x: Any) -> Any:
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                            self.groups)
+
+    class OneDnnModel(torch.nn.Module):
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Any) -> Any:
+            return self.net(x.contiguous().to_mkldnn(dtype)).to_dense().float()
+
+    net = copy.deepcopy(model).float().eval()
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Conv2d):
+                setattr(parent, name, OneDnnConv2d(child))
+            elif isinstance(child, (torch.nn.Linear, torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                raise ValueError(f"{type(child).__name__} layers are not converted to oneDNN here")
+    return OneDnnModel(net)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the embedder
 
@@ -282,6 +335,7 @@ class EmbedderSettings:
     s3: S3Access = field(default_factory=S3Access)
     checksum: str | None = None  # when set, the weights found must have this checksum
     decode: str = "auto"  # auto: nvjpeg on the GPU when the device is cuda, else Pillow; cpu; gpu
+    engine: str = "auto"  # auto: oneDNN tensors for CNNs on CPU when they check out, else eager; eager; onednn
 
 
 @dataclass
@@ -341,10 +395,41 @@ class Embedder:
             torch.set_num_threads(settings.threads)
         net = fuse_conv_bn(load_model(self.spec, self.weights)).to(self.device)
         self.model = net.to(memory_format=torch.channels_last)
+        self.engine = "eager"  # or onednn: see _use_onednn
+        self._use_onednn(net)
         self.calls = 0  # batches embedded so far by this instance
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(shape) * 255.0
         self._std = torch.tensor(self.spec.std, device=self.device).view(shape) * 255.0
+
+    def _use_onednn(self, net: Any) -> None:
+        """On CPU, run a CNN on oneDNN tensors when its outputs match the eager model's (checked on one batch)."""
+        import torch
+
+        if not (self.device == "cpu" and self.spec.onednn and self.precision in ("bf16", "fp32")
+                and self.settings.engine in ("auto", "onednn") and torch.backends.mkldnn.is_available()):
+            if self.settings.engine == "onednn":
+                raise RuntimeError(f"model.engine=onednn needs a CPU, bf16 or fp32, and a model with a oneDNN form "
+                                   f"({self.spec.name} on {self.device} in {self.precision} has none)")
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        try:
+            candidate = to_onednn(net, dtype)
+            size = self.spec.input_size
+            probe = torch.rand((2, 3, size, size), generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                with self._autocast():
+                    expected = self.model(probe.contiguous(memory_format=torch.channels_last)).float()
+                got = candidate(probe)
+            cosine = float(torch.nn.functional.cosine_similarity(expected, got).min())
+            if not cosine >= 0.999:
+                raise ValueError(f"its outputs differ from the eager model's (cosine {cosine:.5f})")
+        except Exception as exc:
+            if self.settings.engine == "onednn":
+                raise RuntimeError(f"model.engine=onednn: {self.spec.name} fails on oneDNN tensors: {exc}") from exc
+            log.warning("running %s eagerly: the oneDNN form failed its check (%s)", self.spec.name, exc)
+            return
+        self.model, self.engine = candidate, "onednn"
 
     @property
     def dim(self) -> int:
@@ -379,9 +464,12 @@ class Embedder:
             for start in range(0, pixels.shape[0], self.settings.batch_size):
                 chunk = pixels[start: start + self.settings.batch_size]
                 chunk = chunk.to(self.device, non_blocking=True).float()
-                chunk = ((chunk - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-                with self._autocast():
+                chunk = (chunk - self._mean) / self._std
+                if self.engine == "onednn":  # its own precision, no autocast
                     features = self.model(chunk)
+                else:
+                    with self._autocast():
+                        features = self.model(chunk.contiguous(memory_format=torch.channels_last))
                 features = features.float()
                 if self.settings.normalize:
                     features = torch.nn.functional.normalize(features, dim=1)
