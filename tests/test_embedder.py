@@ -17,9 +17,11 @@ from image_embeddings.embedder import (
     WeightsError,
     cached_embedder,
     file_sha256,
+    is_loaded_or_loading,
     load_count,
     model_spec,
     resolve_weights,
+    warm_up_in_background,
 )
 from image_embeddings.images import downscale
 from image_embeddings.sample import PHOTOS, encode, photo
@@ -175,6 +177,22 @@ def test_cached_embedder_loads_once_per_process() -> None:
     assert cached_embedder(settings) is first
     assert load_count(settings) == 1
     assert first.weights.checksum == "random:3"
+
+
+def test_warm_up_in_background_loads_once_and_the_next_request_gets_that_model() -> None:
+    import threading
+
+    settings = EmbedderSettings("resnet50", "random:77", device="cpu", precision="fp32")
+    assert not is_loaded_or_loading(settings)
+    assert warm_up_in_background(settings) is True
+    assert is_loaded_or_loading(settings)
+    assert warm_up_in_background(settings) is False  # already loading: no second thread
+    for thread in threading.enumerate():
+        if thread.name == "embedder-warm-up":
+            thread.join(timeout=120)
+    assert load_count(settings) == 1
+    embedder = cached_embedder(settings)  # what stage 2's first batch asks for: no second load
+    assert load_count(settings) == 1 and embedder.embed([downscale(encode(photo("coffee"))).image]).errors == [None]
 
 
 def test_random_weights_are_deterministic() -> None:

@@ -134,6 +134,9 @@ def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     for query in ("astronaut", "coffee", "chelsea"):
         line = next(line for line in out.splitlines() if line.startswith(f"  {query}: "))
         assert line.count(",") == 4, line
+    # A fresh process, as `make demo` runs: stage 1's Python workers loaded the model for stage 2 in the background.
+    embed = json.loads((tmp_path / "delta" / "report.json").read_text())["stages"]["embed"]["metrics"]
+    assert embed["workers_warmed_up"] >= 1 and embed["model_loads"] == embed["python_workers"]
 
 
 def test_example_notebook_runs(tmp_path: Path) -> None:

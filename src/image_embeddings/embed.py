@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMBED_STRUCT = ("embedding ARRAY<FLOAT>, error STRING, device STRING, precision STRING, worker_pid INT, "
-                "model_loads INT, worker_batches INT")
+                "model_loads INT, worker_batches INT, warmed BOOLEAN")
 EMBEDDING_COLUMNS = ("image_id", "model_key", "sha256", "embedding", "model", "weights_checksum", "preprocess_id",
                      "normalized", "precision", "device", "error", "run_id", "embedded_at")
 
@@ -69,9 +69,12 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
     def _embed(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         import os
 
-        from image_embeddings.embedder import cached_embedder, load_count
+        from image_embeddings.embedder import cached_embedder, is_loaded_or_loading, load_count
+        from image_embeddings.worker import prepare_worker
 
+        prepare_worker()
         own = worker_settings(settings)
+        warmed = is_loaded_or_loading(own)  # before this task: by an earlier task, or by stage 1 (warm_up)
         embedder = None
         for batch in batches:
             if embedder is None:
@@ -87,6 +90,7 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
                 "worker_pid": os.getpid(),
                 "model_loads": load_count(own),
                 "worker_batches": embedder.calls,
+                "warmed": warmed,
             })
 
     # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.
@@ -190,7 +194,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             F.col("_e.error").alias("error"), F.lit(report.run_id).alias("run_id"),
             F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
             F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
-            F.col("_e.worker_batches").alias("_batches"),
+            F.col("_e.worker_batches").alias("_batches"), F.col("_e.warmed").alias("_warmed"),
         ).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             with report.step("embed"):
@@ -198,10 +202,13 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             assert stats is not None
             m["embed_seconds"] = round(time.monotonic() - started, 3)
             workers = result.groupBy("_pid").agg(
-                F.max("_loads").alias("loads"), F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
+                F.max("_loads").alias("loads"), F.min(F.col("_warmed").cast("int")).alias("warmed"),
+                F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
                 F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
             m["python_workers"] = len(workers)
             m["model_loads"] = sum(int(r["loads"]) for r in workers)
+            # Workers whose first task found the model loaded or loading: by stage 1 of `run`, or an earlier run.
+            m["workers_warmed_up"] = sum(int(r["warmed"]) for r in workers)
             m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
             m["embedded"] = int(stats["ok"])
             m["errors"] = errors_by_reason(result)

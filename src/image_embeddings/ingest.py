@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
+from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import runtime_settings, session_conf
 from image_embeddings.tables import (
@@ -202,8 +203,12 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
     )
 
 
-def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
-    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``."""
+def downscale_column(content: Column, pre: PreprocessConfig, warm_up: EmbedderSettings | None = None) -> Column:
+    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``.
+
+    With ``warm_up``, each Python worker also starts loading that embedder in the background
+    (:func:`image_embeddings.embedder.warm_up_in_background`), for a stage 2 that follows in the same session.
+    """
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
@@ -214,6 +219,15 @@ def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
         import hashlib
 
         from image_embeddings.images import downscale
+        from image_embeddings.worker import prepare_worker
+
+        prepare_worker()
+
+        if warm_up is not None:
+            from image_embeddings.embed import worker_settings
+            from image_embeddings.embedder import warm_up_in_background
+
+            warm_up_in_background(worker_settings(warm_up))
 
         out: dict[str, list[Any]] = {"image": [], "width": [], "height": [], "error": [], "sha256": []}
         for data in contents:
@@ -237,11 +251,12 @@ def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
     return pandas_udf(_downscale, DECODE_STRUCT)(content)  # type: ignore[call-overload]
 
 
-def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any) -> DataFrame:
+def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any,
+                 warm_up: EmbedderSettings | None = None) -> DataFrame:
     """Turn rows of (path, image_id, file_size, modification_time, content) into files-table rows."""
     from pyspark.sql import functions as F
 
-    decoded = files.withColumn("_d", downscale_column(F.col("content"), pre))
+    decoded = files.withColumn("_d", downscale_column(F.col("content"), pre, warm_up))
     error = F.when(F.col("image_id").isNull(), F.lit(NO_IMAGE_ID)).otherwise(F.col("_d.error"))
     return decoded.select(
         "path", "image_id", "file_size", "modification_time",
@@ -320,18 +335,27 @@ def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run
 
 
 def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
-               report_file: str | None = None, run_date: str | None = None) -> RunReport:
-    """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table)."""
+               report_file: str | None = None, run_date: str | None = None,
+               warm_up: EmbedderSettings | None = None) -> RunReport:
+    """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table).
+
+    ``warm_up``: the settings of a stage 2 that follows in this session; its model then loads in the background
+    of stage 1's Python workers.
+    """
     def work(report: RunReport) -> None:
         # Stage 1's Arrow batches carry whole files: keep them small even if another stage changed the setting.
         with session_conf(spark, runtime_settings(config)):
-            _ingest(spark, config, report)
+            _ingest(spark, config, report, warm_up)
 
     return run_reported("ingest", work, spark, config.output.runs_table,
                         run_id, report_file, run_date, rate=("files_decoded", None))
 
 
-def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
+# Files-table rows per Parquet file written by one run: about 20 MB of thumbnails.
+ROWS_PER_WRITTEN_FILE = 1000
+
+
+def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: EmbedderSettings | None) -> None:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -382,28 +406,35 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             contents = select_extensions(read_contents(spark, locations, inp.max_file_bytes, inp.extensions),
                                          inp.extensions)
             decoded = decode_files(with_image_id(contents, inp.image_id_pattern), pre, report.run_id,
-                                   ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
-            # A listed file that could not be read now (deleted or grown past the limit meanwhile).
-            vanished = to_read.join(decoded.select("path"), "path", "left_anti")
-            processed = decoded.unionByName(processed).unionByName(
-                error_rows(vanished, F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at))
+                                   ingested_at, warm_up).persist(StorageLevel.MEMORY_AND_DISK)
+            processed = decoded.unionByName(processed)
         try:
             with report.step("read_and_decode"):
-                stats = processed.agg(
-                    F.count(F.lit(1)).alias("rows"),
-                    F.count("sha256").alias("read"),
-                    F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes"),
-                ).first()
-            assert stats is not None
-            m["files_read"] = int(stats["read"])
-            m["files_decoded"] = int(stats["read"])
-            m["bytes_read"] = int(stats["bytes"] or 0)
-            m["errors"] = errors_by_reason(processed)
+                # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
+                # cached: two jobs computing it at once would each decode every file.
+                summary = _summarize(processed)
+                if decoded is not None:
+                    # A listed file that could not be read now (deleted or grown past the limit meanwhile).
+                    vanished = error_rows(to_read.join(decoded.select("path"), "path", "left_anti"),
+                                          F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at)
+                    lost = _summarize(vanished)
+                    if lost["rows"]:
+                        processed = processed.unionByName(vanished)
+                        errors = {r: summary["errors"].get(r, 0) + lost["errors"].get(r, 0)
+                                  for r in sorted({*summary["errors"], *lost["errors"]})}
+                        summary = {"rows": summary["rows"] + lost["rows"], "read": summary["read"],
+                                   "bytes": summary["bytes"], "errors": errors}
+            m["files_read"] = summary["read"]
+            m["files_decoded"] = summary["read"]
+            m["bytes_read"] = summary["bytes"]
+            m["errors"] = summary["errors"]
             removed = plan.where(F.col("status") == "removed").select("path")
-            if int(stats["rows"]) or m["files_removed"] or files is None:
+            if summary["rows"] or m["files_removed"] or files is None:
+                # Cached rows: a few Parquet files per run, not one per input split.
+                written = processed.select(*FILE_COLUMNS).coalesce(max(1, -(-summary["rows"] // ROWS_PER_WRITTEN_FILE)))
                 with report.step("write_files_table"):
                     _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
-                        spark, out.files_table_path, processed.select(*FILE_COLUMNS), removed, "path"))
+                        spark, out.files_table_path, written, removed, "path"))
         finally:
             if decoded is not None:
                 decoded.unpersist()
@@ -422,6 +453,22 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             out.images_table, lambda: _update_images_table(spark, desired, out.images_table, report, inp.join))
         m["images_table_version"] = table_version(spark, out.images_table)
     m["stage_seconds"] = round(time.monotonic() - started, 3)
+
+
+def _summarize(processed: DataFrame) -> dict[str, Any]:
+    """Rows, files read, bytes read and errors by reason of files-table rows, in one Spark job."""
+    from pyspark.sql import functions as F
+
+    rows = processed.groupBy(F.substring_index(F.col("error"), ":", 1).alias("reason")).agg(
+        F.count(F.lit(1)).alias("rows"), F.count("sha256").alias("read"),
+        F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes")).collect()
+    return {
+        "rows": sum(int(r["rows"]) for r in rows),
+        "read": sum(int(r["read"]) for r in rows),
+        "bytes": sum(int(r["bytes"] or 0) for r in rows),
+        "errors": {r["reason"]: int(r["rows"]) for r in sorted(rows, key=lambda r: r["reason"] or "")
+                   if r["reason"] is not None},
+    }
 
 
 def _check_sales_keys(sales: DataFrame, key: str) -> None:

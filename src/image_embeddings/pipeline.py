@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
-from image_embeddings.embed import run_embed
+from image_embeddings.embed import embedder_settings, resolve_config_weights, run_embed
+from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.ingest import run_ingest
 from image_embeddings.report import RunReport, new_run_id
 
@@ -22,12 +23,14 @@ def run_pipeline(spark: SparkSession, config: AppConfig, run_id: str | None = No
                  report_file: str | None = None, run_date: str | None = None) -> dict[str, Any]:
     """Run ingest then embed; return (and write to ``report_file``) the combined report.
 
-    Each stage also appends its own row to the runs table. When ingest fails, embed does not run.
+    Each stage also appends its own row to the runs table. When ingest fails, embed does not run. Stage 1's
+    Python workers load stage 2's model in the background (on CPU), so stage 2 starts with it loaded.
     """
     base = run_id or new_run_id("run")
     stages: dict[str, RunReport] = {}
     try:
-        stages["ingest"] = run_ingest(spark, config, run_id=f"{base}-ingest", run_date=run_date)
+        warm_up = _warm_up_settings(config)
+        stages["ingest"] = run_ingest(spark, config, run_id=f"{base}-ingest", run_date=run_date, warm_up=warm_up)
         stages["embed"] = run_embed(spark, config, run_id=f"{base}-embed", run_date=run_date)
     finally:
         combined = combine(base, run_date, stages)
@@ -38,6 +41,15 @@ def run_pipeline(spark: SparkSession, config: AppConfig, run_id: str | None = No
             Path(report_file).parent.mkdir(parents=True, exist_ok=True)
             Path(report_file).write_text(json.dumps(combined, indent=2, sort_keys=True, default=str) + "\n")
     return combined
+
+
+def _warm_up_settings(config: AppConfig) -> EmbedderSettings | None:
+    """Stage 2's embedder settings, or None when its weights cannot be resolved yet (stage 2 will say why)."""
+    try:
+        return embedder_settings(config, resolve_config_weights(config))
+    except Exception as exc:
+        log.info("no model warm-up during ingest: %s", exc)
+        return None
 
 
 def combine(run_id: str, run_date: str | None, stages: dict[str, RunReport]) -> dict[str, Any]:
