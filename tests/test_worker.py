@@ -34,3 +34,23 @@ def test_a_prepared_worker_keeps_zip_directories_and_still_imports_from_zips(spa
     rows = spark.range(0, 2, 1, 2).mapInPandas(probe, "method STRING, value INT").collect()
     expected = "_keep_directory" if (3, 10) <= sys.version_info < (3, 13) else "invalidate_caches"
     assert [(r.method, r.value) for r in rows] == [(expected, 42)] * 2
+
+
+def test_jars_without_python_code_are_off_the_python_path(spark: Any) -> None:
+    import pandas as pd
+
+    includes = spark.sparkContext._python_includes
+    assert any("delta-spark" in name for name in includes)  # it carries the `delta` Python package
+    assert not any("awssdk_bundle" in name or "hadoop-aws" in name for name in includes)
+
+    def probe(batches: Any) -> Any:
+        import sys
+
+        for _ in batches:
+            jars = [p.rsplit("/", 1)[-1] for p in sys.path if p.endswith(".jar") and "userFiles" in p]
+            yield pd.DataFrame({"jars": [",".join(sorted(jars))], "delta": [__import__("delta").__name__]})
+
+    rows = spark.range(0, 1, 1, 1).mapInPandas(probe, "jars STRING, delta STRING").collect()
+    assert [r.delta for r in rows] == ["delta"]
+    assert all("delta-spark" in name for name in rows[0].jars.split(",")), rows[0].jars
+    assert "awssdk" not in " ".join(sys.path)

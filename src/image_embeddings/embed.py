@@ -114,6 +114,36 @@ def worker_settings(settings: EmbedderSettings) -> EmbedderSettings:
     return dataclasses.replace(settings, threads=max(1, context.cpus()))
 
 
+def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
+    """Have the idle Python workers start loading the embedder in the background; return how many started.
+
+    For ``run``: between stage 1's decoding and stage 2's first batch the driver writes tables while the Python
+    workers sit idle; loading torch and the model meanwhile takes that wait off stage 2. One tiny task per task
+    slot; each returns at once (:func:`image_embeddings.embedder.warm_up_in_background`). Never raises.
+    """
+    from collections.abc import Iterable, Iterator
+
+    import pandas as pd
+
+    def start(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from image_embeddings.embedder import warm_up_in_background
+        from image_embeddings.worker import prepare_worker
+
+        prepare_worker()
+        for _ in batches:
+            yield pd.DataFrame({"started": [int(warm_up_in_background(worker_settings(settings)))]})
+
+    slots = spark.sparkContext.defaultParallelism
+    try:
+        row = spark.range(0, slots, 1, slots).mapInPandas(start, "started INT").groupBy().sum("started").first()
+    except Exception as exc:  # an optimization only: stage 2 loads the model itself
+        log.warning("could not start the model warm-up in the Python workers: %s", exc)
+        return 0
+    started = int(row[0] or 0) if row is not None else 0
+    log.info("model warm-up started in %d Python workers", started)
+    return started
+
+
 def select_todo(images: DataFrame, embeddings: DataFrame | None, key: str) -> DataFrame:
     """Images with pixels and no embedding yet for their content sha256 under model ``key``."""
     from pyspark.sql import functions as F

@@ -459,6 +459,9 @@ class Embedder:
         """Embed a uint8 (n, 3, H, W) tensor; returns float32 (n, dim) on the CPU."""
         import torch
 
+        if self.settings.threads and torch.get_num_threads() != self.settings.threads:
+            # OpenMP's thread count belongs to the calling thread: a model loaded in a warm-up thread set it there.
+            torch.set_num_threads(self.settings.threads)
         outputs = []
         with torch.inference_mode():
             for start in range(0, pixels.shape[0], self.settings.batch_size):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig, PreprocessConfig, qualify
+from image_embeddings.embed import warm_up_workers
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.spark import runtime_settings, session_conf
+from image_embeddings.spark import concurrently, runtime_settings, session_conf
 from image_embeddings.tables import (
     merge_changes,
     overwrite,
@@ -203,12 +205,8 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
     )
 
 
-def downscale_column(content: Column, pre: PreprocessConfig, warm_up: EmbedderSettings | None = None) -> Column:
-    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``.
-
-    With ``warm_up``, each Python worker also starts loading that embedder in the background
-    (:func:`image_embeddings.embedder.warm_up_in_background`), for a stage 2 that follows in the same session.
-    """
+def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
+    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``."""
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
@@ -222,12 +220,6 @@ def downscale_column(content: Column, pre: PreprocessConfig, warm_up: EmbedderSe
         from image_embeddings.worker import prepare_worker
 
         prepare_worker()
-
-        if warm_up is not None:
-            from image_embeddings.embed import worker_settings
-            from image_embeddings.embedder import warm_up_in_background
-
-            warm_up_in_background(worker_settings(warm_up))
 
         out: dict[str, list[Any]] = {"image": [], "width": [], "height": [], "error": [], "sha256": []}
         for data in contents:
@@ -251,12 +243,11 @@ def downscale_column(content: Column, pre: PreprocessConfig, warm_up: EmbedderSe
     return pandas_udf(_downscale, DECODE_STRUCT)(content)  # type: ignore[call-overload]
 
 
-def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any,
-                 warm_up: EmbedderSettings | None = None) -> DataFrame:
+def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any) -> DataFrame:
     """Turn rows of (path, image_id, file_size, modification_time, content) into files-table rows."""
     from pyspark.sql import functions as F
 
-    decoded = files.withColumn("_d", downscale_column(F.col("content"), pre, warm_up))
+    decoded = files.withColumn("_d", downscale_column(F.col("content"), pre))
     error = F.when(F.col("image_id").isNull(), F.lit(NO_IMAGE_ID)).otherwise(F.col("_d.error"))
     return decoded.select(
         "path", "image_id", "file_size", "modification_time",
@@ -368,7 +359,10 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
 
     with report.step("sales_check"):
         sales = read_sales(spark, inp.sales, inp.sales_key)
-        _check_sales_keys(sales, inp.sales_key)
+    # The key check runs beside listing and planning; nothing is read or written before it passed.
+    sales_check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sales-check")
+    sales_checked = sales_check.submit(_check_sales_keys, sales, inp.sales_key)
+    sales_check.shutdown(wait=False)
 
     with report.step("list"):
         listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
@@ -395,6 +389,8 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
         to_read = todo.where(readable)
         n_to_read = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] in ("new", "changed", "retry"))
         n_readable = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed")
+        with report.step("sales_check"):
+            sales_checked.result()
         ingested_at = utcnow()
         not_read = todo.where(~readable).withColumn("_error", F.when(
             F.col("file_size") == 0, F.lit(EMPTY_FILE)).otherwise(too_large_error(inp.max_file_bytes)))
@@ -406,13 +402,17 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
             contents = select_extensions(read_contents(spark, locations, inp.max_file_bytes, inp.extensions),
                                          inp.extensions)
             decoded = decode_files(with_image_id(contents, inp.image_id_pattern), pre, report.run_id,
-                                   ingested_at, warm_up).persist(StorageLevel.MEMORY_AND_DISK)
+                                   ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
             processed = decoded.unionByName(processed)
         try:
             with report.step("read_and_decode"):
                 # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
                 # cached: two jobs computing it at once would each decode every file.
                 summary = _summarize(processed)
+            if warm_up is not None:
+                # The Python workers are idle from here to stage 2: they load its model meanwhile.
+                warm_up_workers(spark, warm_up)
+            with report.step("read_and_decode"):
                 if decoded is not None:
                     # A listed file that could not be read now (deleted or grown past the limit meanwhile).
                     vanished = error_rows(to_read.join(decoded.select("path"), "path", "left_anti"),
@@ -441,12 +441,12 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
     finally:
         plan.unpersist()
     with report.step("counts"):
-        m["files_table_version"] = table_version(spark, out.files_table_path)
         all_files = read_table(spark, out.files_table_path)
         assert all_files is not None
-        m["errors_total"] = errors_by_reason(all_files)
         images = resolve_duplicates(all_files)
-        _sales_match_counts(images, sales, m)
+        m["files_table_version"], m["errors_total"], _ = concurrently(
+            lambda: table_version(spark, out.files_table_path), lambda: errors_by_reason(all_files),
+            lambda: _sales_match_counts(images, sales, m))
     with report.step("write_images_table"):
         desired = join_sales(images, sales, inp.join)
         _, m["images_table_attempts"] = with_commit_retries(
