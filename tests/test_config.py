@@ -153,7 +153,8 @@ def test_override_nested_spark_conf() -> None:
     assert config.spark.conf["spark.ui.enabled"] == "true"
     assert config.spark.conf["spark.local.dir"] == "/tmp/x"
     assert config.spark.conf["spark.driver.memory"] == "4g"
-    assert len(config.spark.conf) == 6
+    assert config.spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    assert len(config.spark.conf) == 7
 
 
 def test_override_secret_in_spark_conf_refused() -> None:
