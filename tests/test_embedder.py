@@ -191,8 +191,20 @@ def test_warm_up_in_background_loads_once_and_the_next_request_gets_that_model()
         if thread.name == "embedder-warm-up":
             thread.join(timeout=120)
     assert load_count(settings) == 1
+    assert is_loaded_or_loading(settings)  # loaded now, no longer loading
     embedder = cached_embedder(settings)  # what stage 2's first batch asks for: no second load
     assert load_count(settings) == 1 and embedder.embed([downscale(encode(photo("coffee"))).image]).errors == [None]
+
+
+def test_a_failed_warm_up_is_not_counted_as_warm() -> None:
+    import threading
+
+    settings = EmbedderSettings("resnet50", "/nonexistent/weights.pth", device="cpu", precision="fp32")
+    assert warm_up_in_background(settings) is True
+    for thread in threading.enumerate():
+        if thread.name == "embedder-warm-up":
+            thread.join(timeout=120)
+    assert not is_loaded_or_loading(settings) and load_count(settings) == 0
 
 
 def test_random_weights_are_deterministic() -> None:

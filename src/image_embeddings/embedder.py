@@ -603,6 +603,9 @@ def warm_up_in_background(settings: EmbedderSettings) -> bool:
         except Exception as exc:
             log.warning("warming up %s in process %d failed (stage 2 will load it again): %s", settings.model,
                         os.getpid(), exc)
+        finally:  # loaded (then in _EMBEDDERS), failed or skipped: no longer loading
+            with _WARMING_LOCK:
+                _WARMING.discard(settings)
 
     threading.Thread(target=load, name="embedder-warm-up", daemon=True).start()
     return True
