@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -409,21 +410,18 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
                 # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
                 # cached: two jobs computing it at once would each decode every file.
                 summary = _summarize(processed)
-            if warm_up is not None:
-                # The Python workers are idle from here to stage 2: they load its model meanwhile.
-                warm_up_workers(spark, warm_up)
-            with report.step("read_and_decode"):
                 if decoded is not None:
                     # A listed file that could not be read now (deleted or grown past the limit meanwhile).
                     vanished = error_rows(to_read.join(decoded.select("path"), "path", "left_anti"),
                                           F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at)
-                    lost = _summarize(vanished)
+                    lost = _summarize(vanished)  # unreadable rows only: nothing read, no bytes
                     if lost["rows"]:
                         processed = processed.unionByName(vanished)
-                        errors = {r: summary["errors"].get(r, 0) + lost["errors"].get(r, 0)
-                                  for r in sorted({*summary["errors"], *lost["errors"]})}
-                        summary = {"rows": summary["rows"] + lost["rows"], "read": summary["read"],
-                                   "bytes": summary["bytes"], "errors": errors}
+                        summary["rows"] += lost["rows"]
+                        summary["errors"] = dict(sorted((Counter(summary["errors"]) + Counter(lost["errors"])).items()))
+            if warm_up is not None:
+                # The Python workers are idle from here to stage 2: they load its model meanwhile.
+                warm_up_workers(spark, warm_up)
             m["files_read"] = summary["read"]
             m["files_decoded"] = summary["read"]
             m["bytes_read"] = summary["bytes"]
