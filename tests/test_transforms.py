@@ -391,3 +391,20 @@ def test_extensions_glob_is_case_insensitive() -> None:
     for name, listed in (("IMG_1.JPG", True), ("a.Png", True), ("b.webp", True), ("c.jpg.txt", False),
                          ("d.jpeg", False), ("e.gif", False)):
         assert any(fnmatch.fnmatchcase(name, p) for p in patterns) == listed, name
+
+
+def test_local_frame_keeps_values_types_and_instants(spark) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    from image_embeddings.spark import local_frame
+
+    at = dt.datetime(2026, 11, 23, 5, 40, 1, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    df = local_frame(spark, [("a b[1].jpg", None, at, 1.5), ("c", "x", None, None)],
+                     "path STRING, note STRING, at TIMESTAMP, seconds DOUBLE")
+    assert df.dtypes == [("path", "string"), ("note", "string"), ("at", "timestamp"), ("seconds", "double")]
+    rows = sorted(df.collect(), key=lambda r: r["path"])
+    assert [r["path"] for r in rows] == ["a b[1].jpg", "c"]
+    assert rows[0]["note"] is None and rows[1]["note"] == "x"
+    assert rows[1]["at"] is None and rows[1]["seconds"] is None and rows[0]["seconds"] == 1.5
+    # The same instant: 03:40:01.25 UTC (the session's time zone is UTC).
+    assert df.where("path = 'a b[1].jpg'").selectExpr("cast(at as string)").first()[0] == "2026-11-23 03:40:01.25"

@@ -22,7 +22,7 @@ from image_embeddings.config import AppConfig, PreprocessConfig, qualify
 from image_embeddings.embed import warm_up_workers
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.spark import concurrently, runtime_settings, session_conf
+from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
     merge_changes,
     overwrite,
@@ -75,7 +75,7 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
     indexed = [(p,) for p in map(_uri_to_path, df.inputFiles()) if p.lower().endswith(suffixes)]
     if not indexed:
         return listing
-    every = spark.createDataFrame(indexed, "path STRING")
+    every = local_frame(spark, indexed, "path STRING")
     empty = every.join(listing, "path", "left_anti").select(
         "path", F.lit(0).cast("long").alias("file_size"), F.lit(None).cast("timestamp").alias("modification_time"))
     return listing.unionByName(empty)
@@ -331,13 +331,16 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
                warm_up: EmbedderSettings | None = None) -> RunReport:
     """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table).
 
-    ``warm_up``: the settings of a stage 2 that follows in this session; its model then loads in the background
-    of stage 1's Python workers.
+    ``warm_up``: the settings of a stage 2 that follows in this session. Its model then loads in the background
+    of stage 1's Python workers, which start at once, beside listing and planning, instead of at the first decode.
     """
     def work(report: RunReport) -> None:
         # Stage 1's Arrow batches carry whole files: keep them small even if another stage changed the setting.
-        with session_conf(spark, runtime_settings(config)):
-            _ingest(spark, config, report, warm_up)
+        with session_conf(spark, runtime_settings(config)), ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="warm-up") as warming:
+            if warm_up is not None:
+                warming.submit(warm_up_workers, spark, warm_up)  # never raises; waited for on the way out
+            _ingest(spark, config, report)
 
     return run_reported("ingest", work, spark, config.output.runs_table,
                         run_id, report_file, run_date, rate=("files_decoded", None))
@@ -347,7 +350,7 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
 ROWS_PER_WRITTEN_FILE = 1000
 
 
-def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: EmbedderSettings | None) -> None:
+def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -419,9 +422,6 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport, warm_up: 
                         processed = processed.unionByName(vanished)
                         summary["rows"] += lost["rows"]
                         summary["errors"] = dict(sorted((Counter(summary["errors"]) + Counter(lost["errors"])).items()))
-            if warm_up is not None:
-                # The Python workers are idle from here to stage 2: they load its model meanwhile.
-                warm_up_workers(spark, warm_up)
             m["files_read"] = summary["read"]
             m["files_decoded"] = summary["read"]
             m["bytes_read"] = summary["bytes"]

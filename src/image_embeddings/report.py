@@ -149,10 +149,11 @@ def publish(report: RunReport, spark: SparkSession | None, runs_table: str | Non
             log.error("could not write report file %s: %s", report_file, exc)
     if spark is not None and runs_table:
         try:
+            from image_embeddings.spark import local_frame
             from image_embeddings.tables import append
 
             row = (report.run_id, report.stage, report.status, report.run_date, report.started_at,
                    report.finished_at, report.duration_s, report.to_json())
-            append(spark.createDataFrame([row], RUNS_SCHEMA), runs_table)
+            append(local_frame(spark, [row], RUNS_SCHEMA), runs_table)
         except Exception as exc:  # the report must not hide the run's own outcome
             log.error("could not append the run report to %s: %s", runs_table, exc)

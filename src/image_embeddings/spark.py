@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from image_embeddings.config import AppConfig
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ def session_settings(config: AppConfig, stage: str | None = None) -> dict[str, s
         settings["spark.hadoop.fs.s3a.endpoint.region"] = s3.region
     if s3.map_s3_scheme:
         settings["spark.hadoop.fs.s3.impl"] = "org.apache.hadoop.fs.s3a.S3AFileSystem"
-    if spark.packages:
-        settings["spark.jars.packages"] = ",".join(spark.packages)
+    packages = spark.packages + (spark.s3_packages if reaches_s3(config) else ())
+    if packages:
+        settings["spark.jars.packages"] = ",".join(packages)
     if spark.ivy_dir:
         settings["spark.jars.ivy"] = str(Path(spark.ivy_dir).expanduser().resolve())
     settings.update(runtime_settings(config))
@@ -48,6 +49,14 @@ def session_settings(config: AppConfig, stage: str | None = None) -> dict[str, s
     if stage == "embed":
         settings.update(spark.embed_conf)
     return settings
+
+
+def reaches_s3(config: AppConfig) -> bool:
+    """True when a table or input of ``config`` is on S3, or an S3 endpoint is configured."""
+    out = config.output
+    locations = (config.input.images, config.input.sales, out.images_table, out.embeddings_table, out.runs_table,
+                 out.files_table_path)
+    return bool(config.s3.endpoint) or any(loc.lower().startswith(("s3://", "s3a://", "s3n://")) for loc in locations)
 
 
 def runtime_settings(config: AppConfig) -> dict[str, str]:
@@ -89,6 +98,19 @@ def concurrently(*actions: Callable[[], Any]) -> list[Any]:
     with ThreadPoolExecutor(max_workers=len(actions), thread_name_prefix="spark-action") as pool:
         futures = [pool.submit(action) for action in actions]
         return [future.result() for future in futures]
+
+
+def local_frame(spark: SparkSession, rows: list[tuple[Any, ...]], schema: str) -> DataFrame:
+    """A DataFrame of a few rows held by the driver, sent to the JVM as Arrow.
+
+    ``spark.createDataFrame(list_of_tuples)`` runs a Python job to re-pickle the rows, which starts a Python worker
+    daemon of its own (with its workers); a pandas frame goes over Arrow without one.
+    """
+    import pandas as pd
+
+    # Columns are matched to ``schema`` by position.
+    return spark.createDataFrame(pd.DataFrame.from_records(rows, columns=[f"_{i}" for i in range(len(rows[0]))]),
+                                 schema)
 
 
 def get_spark(config: AppConfig, stage: str | None = None) -> SparkSession:
