@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -17,6 +18,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
+    # Every jar the config may need, S3 ones included, so later runs (and tests against MinIO) start offline.
+    config = dataclasses.replace(config, spark=dataclasses.replace(
+        config.spark, packages=config.spark.packages + config.spark.s3_packages))
     spark = get_spark(config)
     with tempfile.TemporaryDirectory() as tmp:
         spark.range(3).write.format("delta").save(tmp + "/t")

@@ -66,7 +66,8 @@ def test_local_yaml_loads_and_validates() -> None:
     assert config.preprocess == PreprocessConfig(size=224, mode="center_crop", crop_fraction=0.875,
                                                  jpeg_quality=90, max_pixels=100_000_000)
     assert config.spark.master == "local[2]"
-    assert config.spark.packages == ("io.delta:delta-spark_2.13:4.0.1", "org.apache.hadoop:hadoop-aws:3.4.1")
+    assert config.spark.packages == ("io.delta:delta-spark_2.13:4.0.1",)
+    assert config.spark.s3_packages == ("org.apache.hadoop:hadoop-aws:3.4.1",)
     assert config.spark.conf["spark.sql.shuffle.partitions"] == "4"
     assert config.spark.conf["spark.driver.memory"] == "4g"
     assert config.spark.conf["spark.ui.enabled"] == "false"
@@ -153,8 +154,8 @@ def test_override_nested_spark_conf() -> None:
     assert config.spark.conf["spark.ui.enabled"] == "true"
     assert config.spark.conf["spark.local.dir"] == "/tmp/x"
     assert config.spark.conf["spark.driver.memory"] == "4g"
-    assert config.spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
-    assert len(config.spark.conf) == 7
+    assert config.spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+    assert len(config.spark.conf) == 8
 
 
 def test_override_secret_in_spark_conf_refused() -> None:
@@ -575,3 +576,17 @@ def test_endpoint_with_credentials_and_empty_section() -> None:
     data = _minimal()
     data["preprocess"] = None
     assert _load(data=data).preprocess.size == 224
+
+
+@pytest.mark.parametrize(("overrides", "with_s3"), [
+    ((), False),
+    (("input.images=s3a://bucket/images",), True),
+    (("output.runs_table=s3://bucket/runs",), True),
+    (("s3.endpoint=http://127.0.0.1:9000",), True),
+])
+def test_s3_packages_only_when_the_config_reaches_s3(overrides: tuple[str, ...], with_s3: bool) -> None:
+    from image_embeddings.spark import session_settings
+
+    packages = session_settings(load_config(LOCAL, list(overrides)))["spark.jars.packages"].split(",")
+    assert packages[0] == "io.delta:delta-spark_2.13:4.0.1"
+    assert ("org.apache.hadoop:hadoop-aws:3.4.1" in packages) is with_s3

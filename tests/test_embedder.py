@@ -126,6 +126,68 @@ def test_weights_from_a_file_are_checked_and_never_replaced(weights: Path, tmp_p
         Embedder(EmbedderSettings("resnet50", str(weights), device="cpu", checksum="sha256:0000"))
 
 
+def test_weights_files_in_other_forms_load_as_the_same_float32_model(weights: Path, thumbs: list[bytes],
+                                                                     tmp_path: Path) -> None:
+    import torch
+
+    state = torch.load(weights, weights_only=True)
+    variants = {
+        "headless": {k: v for k, v in state.items() if not k.startswith("fc.")},
+        "fp16": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+        "wrapped": {"state_dict": state},
+    }
+    for name, variant in variants.items():
+        torch.save(variant, tmp_path / f"{name}.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+
+    def embed(path: Path) -> np.ndarray:
+        embedder = Embedder(EmbedderSettings("resnet50", str(path), device="cpu", precision="fp32"))
+        return embedder.embed(thumbs).embeddings
+
+    expected = embed(weights)
+    for name in ("headless", "wrapped", "legacy"):
+        assert np.allclose(embed(tmp_path / f"{name}.pth"), expected, atol=1e-6), name
+    assert_same_embeddings(embed(tmp_path / "fp16.pth"), expected, 0.9999)  # float32 maths on fp16-rounded weights
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :32]
+    torch.save(state, tmp_path / "misshapen.pth")
+    with pytest.raises(WeightsError, match=r"misshapen.pth does not fit resnet50: .*layer1.0.conv1.weight"):
+        Embedder(EmbedderSettings("resnet50", str(tmp_path / "misshapen.pth"), device="cpu"))
+
+
+def test_batch_norms_are_folded_without_changing_outputs() -> None:
+    import torch
+
+    from image_embeddings.embedder import fuse_conv_bn, load_model, resolve_weights
+
+    spec = MODELS["resnet50"]
+    net = load_model(spec, resolve_weights("random:3", spec, "unused"))
+    for norm in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # not the identity of a fresh init
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+    pixels = torch.rand((2, 3, 224, 224), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = net(pixels)
+        folded = fuse_conv_bn(net)  # ResNet: folded in place, found by structure
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(pixels), expected, rtol=1e-4, atol=1e-4)
+
+        class Odd(torch.nn.Module):  # a BatchNorm that follows no convolution by name or order: torch.fx folds it
+            def __init__(self) -> None:
+                super().__init__()
+                self.first, self.norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+            def forward(self, x: Any) -> Any:
+                return torch.relu(self.norm(self.first(x)))
+
+        odd = Odd().eval()
+        odd.norm.running_mean.uniform_(-0.5, 0.5)
+        want = odd(pixels)
+        fused = fuse_conv_bn(odd)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert torch.allclose(fused(pixels), want, rtol=1e-4, atol=1e-5)
+
+
 def test_imagenet_without_network_fails_with_how_to_pass_a_file(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -75,6 +75,9 @@ class SparkConfig:
     app_name: str = "image-embeddings"
     master: str | None = None
     packages: tuple[str, ...] = ()
+    # Resolved only when the config reaches S3 (an s3:// or s3a:// location, or s3.endpoint): hadoop-aws and the
+    # AWS SDK bundle it pulls in are 600 MB of jars that every class lookup of a local run would search.
+    s3_packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
     arrow_max_records_per_batch: int = 32
     arrow_max_bytes_per_batch: int = 64 * 1024 * 1024

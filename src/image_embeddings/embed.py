@@ -115,10 +115,10 @@ def worker_settings(settings: EmbedderSettings) -> EmbedderSettings:
 
 
 def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
-    """Have the idle Python workers start loading the embedder in the background; return how many started.
+    """Have the Python workers start loading the embedder in the background; return how many started.
 
-    For ``run``: between stage 1's decoding and stage 2's first batch the driver writes tables while the Python
-    workers sit idle; loading torch and the model meanwhile takes that wait off stage 2. One tiny task per task
+    For ``run``: stage 1 starts it beside its listing and planning, which leave the cores partly idle; loading
+    torch and the model then overlaps stage 1 instead of delaying stage 2's first batch. One tiny task per task
     slot; each returns at once (:func:`image_embeddings.embedder.warm_up_in_background`). Never raises.
     """
     from collections.abc import Iterable, Iterator
