@@ -75,8 +75,8 @@ class SparkConfig:
     app_name: str = "image-embeddings"
     master: str | None = None
     packages: tuple[str, ...] = ()
-    # Resolved only when the config reaches S3 (an s3:// or s3a:// location, or s3.endpoint): hadoop-aws and the
-    # AWS SDK bundle it pulls in are 600 MB of jars that every class lookup of a local run would search.
+    # Resolved only when the config reaches S3 (an s3://, s3a:// or s3n:// location, or s3.endpoint; see
+    # spark.reaches_s3): hadoop-aws and its 560 MB AWS SDK bundle would otherwise be searched by every class lookup.
     s3_packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
     arrow_max_records_per_batch: int = 32
