@@ -241,6 +241,33 @@ def test_cached_embedder_loads_once_per_process() -> None:
     assert first.weights.checksum == "random:3"
 
 
+def test_a_loaded_model_is_left_out_of_later_garbage_collections() -> None:
+    """Spark runs gc.collect() in a reused Python worker after every task: the model's objects must not be walked."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, json
+from image_embeddings.embedder import EmbedderSettings, cached_embedder
+before = gc.get_freeze_count()
+import torch
+tracked_with_torch = len(gc.get_objects())
+embedder = cached_embedder(EmbedderSettings("resnet50", "random:5", device="cpu", precision="fp32"))
+cycle = []
+cycle.append(cycle)  # garbage made after the load is still collected
+del cycle
+print(json.dumps({"before": before, "frozen": gc.get_freeze_count(), "torch": tracked_with_torch,
+                  "walked": len(gc.get_objects()), "collected": gc.collect()}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"] == 0
+    assert seen["frozen"] > seen["torch"] > 10_000  # torch's and the model's objects: frozen, skipped by collections
+    assert seen["walked"] < 1_000  # what a collection still walks
+    assert seen["collected"] >= 1
+
+
 def test_warm_up_in_background_loads_once_and_the_next_request_gets_that_model() -> None:
     import threading
 
