@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class ModelSpec:
     build: Callable[[], Any]
     strip_head: Callable[[Any], Any]
     head_prefixes: tuple[str, ...]
-    imagenet: Callable[[], Any]
+    imagenet_url: str  # torchvision's DEFAULT ImageNet weights (a test checks it against torchvision's registry)
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -59,20 +60,14 @@ def _identity() -> Any:
 
 
 def _resnet50() -> Any:
-    from torchvision.models import resnet50
+    from image_embeddings.resnet import resnet50  # torchvision's architecture without importing torchvision
 
-    return resnet50(weights=None)
+    return resnet50()
 
 
 def _resnet50_headless(model: Any) -> Any:
     model.fc = _identity()
     return model
-
-
-def _resnet50_imagenet() -> Any:
-    from torchvision.models import ResNet50_Weights
-
-    return ResNet50_Weights.DEFAULT
 
 
 def _vit_b_16() -> Any:
@@ -86,16 +81,11 @@ def _vit_headless(model: Any) -> Any:
     return model
 
 
-def _vit_b_16_imagenet() -> Any:
-    from torchvision.models import ViT_B_16_Weights
-
-    return ViT_B_16_Weights.DEFAULT
-
-
 MODELS: dict[str, ModelSpec] = {
-    "resnet50": ModelSpec("resnet50", 2048, _resnet50, _resnet50_headless, ("fc.",), _resnet50_imagenet,
-                          onednn=True),
-    "vit_b_16": ModelSpec("vit_b_16", 768, _vit_b_16, _vit_headless, ("heads.",), _vit_b_16_imagenet),
+    "resnet50": ModelSpec("resnet50", 2048, _resnet50, _resnet50_headless, ("fc.",),
+                          "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", onednn=True),
+    "vit_b_16": ModelSpec("vit_b_16", 768, _vit_b_16, _vit_headless, ("heads.",),
+                          "https://download.pytorch.org/models/vit_b_16-c867db91.pth"),
 }
 
 
@@ -153,14 +143,14 @@ def _imagenet_file(model: ModelSpec) -> str:
     """Return torchvision's published weights file from its cache (``$TORCH_HOME``), downloading it once."""
     import torch.hub
 
-    weights = model.imagenet()
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    url = model.imagenet_url
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not target.is_file():
         try:
-            torch.hub.download_url_to_file(weights.url, str(target), hash_prefix=None, progress=False)
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=None, progress=False)
         except Exception as exc:
             raise WeightsError(
-                f"model.weights=imagenet: cannot download {weights.url} ({type(exc).__name__}: {exc}). "
+                f"model.weights=imagenet: cannot download {url} ({type(exc).__name__}: {exc}). "
                 f"Without network, download it elsewhere and either put it at {target} (TORCH_HOME is "
                 "respected) or pass it with model.weights=/path/to/file.pth or model.weights=s3://bucket/key"
             ) from exc
@@ -292,18 +282,19 @@ def fuse_conv_bn(model: Any) -> Any:
 def _conv_bn_pairs(model: Any) -> list[tuple[Any, str, str]]:
     """(parent, conv, bn) names where the BatchNorm is known to take the convolution's output directly.
 
-    In a Sequential, a BatchNorm right after a convolution; in torchvision's ResNet and its blocks, ``bnN`` after
-    ``convN`` (their forward applies them so). Tracing with torch.fx finds the rest, at about three times the cost.
+    In a Sequential, a BatchNorm right after a convolution; in ResNets and their blocks (ours and torchvision's),
+    ``bnN`` after ``convN`` (their forward applies them so). Tracing with torch.fx finds the rest, at about three
+    times the cost.
     """
     import torch
 
-    blocks: tuple[type, ...] = ()
-    try:
+    from image_embeddings import resnet
+
+    blocks: tuple[type, ...] = (resnet.ResNet, resnet.Bottleneck)
+    if "torchvision" in sys.modules:  # torchvision's own ResNets, when a caller built one
         from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-        blocks = (ResNet, Bottleneck, BasicBlock)
-    except ImportError:
-        pass
+        blocks += (ResNet, Bottleneck, BasicBlock)
     pairs = []
     for parent in model.modules():
         if isinstance(parent, torch.nn.Sequential):
@@ -627,9 +618,9 @@ def cached_embedder(settings: EmbedderSettings) -> Embedder:
             embedder = Embedder(settings)
             _EMBEDDERS[settings] = embedder
             _LOADS[settings] = _LOADS.get(settings, 0) + 1
-            # A reused Spark Python worker runs a full gc.collect() after every task; with torch, torchvision and
-            # the model loaded (380,000 objects) each took 0.13 s of CPU, about 3 s for a run of 600 photos on
-            # local[2]. Frozen, the objects that exist now are skipped by every later collection.
+            # A reused Spark Python worker runs a full gc.collect() after every task; with torch and the model
+            # loaded (hundreds of thousands of objects) each took about 0.1 s of CPU, about 3 s for a run of 600
+            # photos on local[2]. Frozen, the objects that exist now are skipped by every later collection.
             gc.freeze()
             log.info("loaded %s (%s, %s, %s) in process %d", settings.model, embedder.weights.checksum[:19],
                      embedder.device, embedder.precision, os.getpid())
