@@ -135,11 +135,11 @@ def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
 
     slots = spark.sparkContext.defaultParallelism
     try:
-        row = spark.range(0, slots, 1, slots).mapInPandas(start, "started INT").groupBy().sum("started").first()
+        rows = spark.range(0, slots, 1, slots).mapInPandas(start, "started INT").collect()  # one row per slot
     except Exception as exc:  # an optimization only: stage 2 loads the model itself
         log.warning("could not start the model warm-up in the Python workers: %s", exc)
         return 0
-    started = int(row[0] or 0) if row is not None else 0
+    started = sum(int(row["started"]) for row in rows)
     log.info("model warm-up started in %d Python workers", started)
     return started
 
