@@ -155,7 +155,8 @@ def test_override_nested_spark_conf() -> None:
     assert config.spark.conf["spark.local.dir"] == "/tmp/x"
     assert config.spark.conf["spark.driver.memory"] == "4g"
     assert config.spark.conf["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-    assert len(config.spark.conf) == 8
+    assert config.spark.conf["spark.sql.files.openCostInBytes"] == "1048576"
+    assert len(config.spark.conf) == 9  # local.yaml's eight and the one added
 
 
 def test_override_secret_in_spark_conf_refused() -> None:
