@@ -34,7 +34,6 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(width * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Any) -> Any:
         identity = x if self.downsample is None else self.downsample(x)
