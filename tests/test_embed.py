@@ -83,7 +83,8 @@ def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, ma
     images = {r["image_id"]: r for r in _rows(spark, config.output.images_table)}
     ours = np.array([rows[n]["embedding"] for n in NAMES], dtype=np.float32)
     assert ours.shape == (len(NAMES), 2048)
-    ref = reference_embeddings(weights, [images[n]["image"] for n in NAMES])
+    thumbnails = {r["path"]: r["image"] for r in _rows(spark, config.output.files_table_path)}
+    ref = reference_embeddings(weights, [thumbnails[images[n]["path"]] for n in NAMES])
     assert_same_embeddings(ours, ref, 0.9999)
     row = rows["astronaut"]
     assert (row["model"], row["precision"], row["device"], row["normalized"], row["error"]) == (
@@ -95,7 +96,8 @@ def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, ma
 
     version = table_version(spark, config.output.embeddings_table)
     rerun = run_embed(spark, config)
-    assert (rerun.metrics["embedded"], rerun.metrics["skipped"]) == (0, len(NAMES))
+    assert (rerun.metrics["rows_considered"], rerun.metrics["embedded"]) == (0, 0), "nothing changed: nothing read"
+    assert rerun.metrics["images_sync"] == "incremental"
     assert table_version(spark, config.output.embeddings_table) == version, "a rerun writes nothing"
 
     # A changed image is embedded again, replacing its row; a removed one loses its row.
@@ -105,6 +107,8 @@ def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, ma
     run_ingest(spark, config)
     changed = run_embed(spark, config)
     assert (changed.metrics["embedded"], changed.metrics["removed"]) == (1, 1)
+    # Only the two images the change data feed names are looked at, not the whole images table.
+    assert (changed.metrics["images_sync"], changed.metrics["rows_considered"]) == ("incremental", 1)
     after = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
     assert set(after) == set(NAMES) - {"moon"}
     assert after["coffee"]["sha256"] != rows["coffee"]["sha256"] and after["coffee"]["run_id"] == changed.run_id
@@ -128,14 +132,20 @@ def test_a_broken_row_among_good_ones_and_clear_failures(spark: Any, make_config
     from image_embeddings.images import downscale
 
     good = [downscale(encode(photo(n))).image for n in ("astronaut", "rocket")]
-    images = spark.createDataFrame(
-        [("a", "s1", good[0]), ("b", "s2", b"\xff\xd8 broken jpeg"), ("c", "s3", good[1]), ("d", "s4", None)],
-        "image_id STRING, sha256 STRING, image BINARY")
+    thumbnails = [("a", "s1", good[0], None), ("b", "s2", b"\xff\xd8 broken jpeg", None), ("c", "s3", good[1], None),
+                  ("d", "s4", None, "truncated: image file is truncated")]
+    files = spark.createDataFrame([(f"file:/in/{i}.jpg", sha, image) for i, sha, image, _ in thumbnails],
+                                  "path STRING, sha256 STRING, image BINARY")
+    images = spark.createDataFrame([(i, sha, f"file:/in/{i}.jpg", error) for i, sha, _, error in thumbnails],
+                                   "image_id STRING, sha256 STRING, path STRING, error STRING")
     config = make_config(tmp_path / "unused", tmp_path / "unused", f"model.weights={weights}",
                          "model.precision=fp32")
     with pytest.raises(EmbedError, match="output.images_table: no Delta table"):
         run_embed(spark, config)
     images.write.format("delta").save(config.output.images_table)
+    with pytest.raises(EmbedError, match="output.files_table: no Delta table"):
+        run_embed(spark, config)
+    files.write.format("delta").save(config.output.files_table_path)
     report = run_embed(spark, config)
     assert (report.metrics["rows_considered"], report.metrics["embedded"]) == (4, 2)
     assert report.metrics["errors"] == {"decode_error": 1}
@@ -149,4 +159,4 @@ def test_a_broken_row_among_good_ones_and_clear_failures(spark: Any, make_config
     with pytest.raises(EmbedError, match="preprocess.size: resnet50 takes 224x224 images"):
         run_embed(spark, wrong)
     runs = [r.status for r in spark.read.format("delta").load(config.output.runs_table).collect()]
-    assert sorted(runs) == ["failed", "failed", "succeeded"]
+    assert sorted(runs) == ["failed", "failed", "failed", "succeeded"]

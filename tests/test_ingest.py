@@ -141,6 +141,8 @@ def test_changed_content_sales_duplicates_and_removals(spark: Any, make_config: 
     config = make_config(folder, tmp_path / "sales")
     first = run_ingest(spark, config)
     before = key_by(spark, config.output.images_table, "image_id")
+    thumbnails = key_by(spark, config.output.files_table_path, "path")
+    assert "image" not in before["rocket"], "each thumbnail is stored once: in the files table"
 
     # Changed content: same name, other photo, newer modification time.
     (folder / "coffee.jpg").write_bytes(encode(photo("chelsea")))
@@ -150,7 +152,10 @@ def test_changed_content_sales_duplicates_and_removals(spark: Any, make_config: 
     after = key_by(spark, config.output.images_table, "image_id")
     assert after["coffee"]["sha256"] != before["coffee"]["sha256"]
     assert after["coffee"]["width"] == 451 and after["coffee"]["run_id"] == changed.run_id
-    assert after["rocket"]["run_id"] == first.run_id and after["rocket"]["image"] == before["rocket"]["image"]
+    assert after["rocket"]["run_id"] == first.run_id and after["rocket"] == before["rocket"]
+    assert changed.metrics["images_sync"] == "incremental" and changed.metrics["images_upserted"] == 1
+    rocket_file = after["rocket"]["path"]
+    assert key_by(spark, config.output.files_table_path, "path")[rocket_file] == thumbnails[rocket_file]
     assert spark.read.format("delta").load(config.output.images_table).count() == 3
 
     # Changed sales values update rows without decoding anything.
@@ -245,8 +250,9 @@ def test_empty_folder_every_file_broken_and_missing_folder(spark: Any, make_conf
     assert broken.status == "succeeded"
     assert broken.metrics["errors"] == {"not_an_image": 1, "truncated": 1}
     rows = key_by(spark, config.output.images_table, "image_id")
-    assert {k: (v["image"], v["error"].split(":")[0]) for k, v in rows.items()} == {
-        "a": (None, "not_an_image"), "b": (None, "truncated")}
+    assert {k: v["error"].split(":")[0] for k, v in rows.items()} == {"a": "not_an_image", "b": "truncated"}
+    thumbnails = key_by(spark, config.output.files_table_path, "path")
+    assert [v["image"] for v in thumbnails.values()] == [None, None]
 
     missing = make_config(tmp_path / "no_such_folder", tmp_path / "sales", tables=tmp_path / "other")
     with pytest.raises(IngestError, match="input.images: cannot list"):

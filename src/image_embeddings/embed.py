@@ -10,13 +10,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.spark import session_conf
-from image_embeddings.tables import merge_changes, read_table, require_columns, table_version, with_commit_retries
+from image_embeddings.spark import concurrently, session_conf
+from image_embeddings.tables import (
+    commit_state,
+    ensure_features,
+    merge_changes,
+    read_changes,
+    read_table,
+    record_state,
+    require_columns,
+    table_version,
+    with_commit_retries,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -145,10 +155,11 @@ def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
 
 
 def select_todo(images: DataFrame, embeddings: DataFrame | None, key: str) -> DataFrame:
-    """Images with pixels and no embedding yet for their content sha256 under model ``key``."""
+    """Images rows (image_id, sha256, path) with pixels and no embedding yet for their content under model ``key``."""
     from pyspark.sql import functions as F
 
-    candidates = images.where(F.col("image").isNotNull()).select("image_id", "sha256", "image")
+    candidates = images.where(F.col("error").isNull() & F.col("sha256").isNotNull()).select(
+        "image_id", "sha256", "path")
     if embeddings is None:
         return candidates
     done = embeddings.where(F.col("model_key") == key).select("image_id", "sha256")
@@ -161,9 +172,38 @@ def stale_rows(images: DataFrame, embeddings: DataFrame | None, key: str) -> Dat
 
     if embeddings is None:
         return None
-    live = images.where(F.col("image").isNotNull()).select("image_id")
+    live = images.where(F.col("error").isNull() & F.col("sha256").isNotNull()).select("image_id")
     return (embeddings.where(F.col("model_key") == key).select("image_id", "model_key")
             .join(live, "image_id", "left_anti"))
+
+
+def path_ranges(paths: list[str], limit: int = 64) -> list[tuple[str, str]]:
+    """At most ``limit`` (first, last) ranges that cover ``paths``, one per folder while there are few folders.
+
+    A filter on these lets Delta skip the data files of the files table that hold none of the paths (by their
+    path statistics): a night's thumbnails sit in the files that night's run wrote.
+    """
+    folders: dict[str, list[str]] = {}
+    for path in sorted(paths):
+        folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
+    spans = [(group[0], group[-1]) for group in folders.values()]
+    if len(spans) <= limit:
+        return spans
+    size = -(-len(spans) // limit)
+    return [(spans[i][0], spans[min(i + size, len(spans)) - 1][1]) for i in range(0, len(spans), size)]
+
+
+def in_ranges(column: str, ranges: list[tuple[str, str]]) -> Column:
+    """True where ``column`` falls in one of ``ranges`` (inclusive)."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    return reduce(lambda a, b: a | b, [(F.col(column) >= lo) & (F.col(column) <= hi) for lo, hi in ranges])
+
+
+# Past this many images to embed, thumbnails are found by a join alone (no path list on the driver).
+MAX_LISTED_PATHS = 1_000_000
 
 
 def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
@@ -183,6 +223,37 @@ def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
                         run_id, report_file, run_date, rate=("embedded", "embed_seconds"))
 
 
+def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame | None,
+                    state: tuple[int, dict[str, Any]] | None,
+                    images_version: int) -> tuple[str | None, DataFrame | None]:
+    """Why every image must be compared (None: it need not), and the image_ids changed since this model's state.
+
+    The state is the images-table version recorded with this model's last embeddings commit; the images
+    table's change data feed after it names the images to look at. Without one (a new table or model, a table
+    of an older release, a change feed already vacuumed) every image is compared once.
+    """
+    from pyspark import StorageLevel
+
+    if existing is None:
+        return "full: new table", None
+    if state is None:
+        return "full: no recorded state for this model", None
+    since = int(state[1]["images_table_version"])
+    if since > images_version:
+        return "full: recorded images-table version is ahead of the table", None
+    if since == images_version:
+        return None, spark.createDataFrame([], "image_id STRING")
+    try:
+        keys = (read_changes(spark, images_path, since, images_version).select("image_id").distinct()
+                .persist(StorageLevel.MEMORY_AND_DISK))
+        keys.count()
+    except Exception as exc:
+        log.warning("images table change data feed after version %d unreadable, comparing every image: %s",
+                    since, str(exc).splitlines()[0][:300])
+        return "full: change data feed unavailable", None
+    return None, keys
+
+
 def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -195,7 +266,10 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     images = read_table(spark, out.images_table)
     if images is None:
         raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
-    require_columns(images, out.images_table, ("image_id", "sha256", "image"), "output.images_table")
+    require_columns(images, out.images_table, ("image_id", "sha256", "path", "error"), "output.images_table")
+    files = read_table(spark, out.files_table_path)
+    if files is None:
+        raise EmbedError(f"output.files_table: no Delta table at {out.files_table_path}; run `ingest` first")
     weights = resolve_config_weights(config)
     settings = embedder_settings(config, weights)
     preprocess_id = config.preprocess.preprocess_id
@@ -204,14 +278,35 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     m.update(model=mc.name, model_key=key, weights=mc.weights, weights_checksum=weights.checksum)
 
     with report.step("plan"):
+        images_version = table_version(spark, out.images_table)
+        assert images_version is not None
+        images = spark.read.format("delta").option("versionAsOf", images_version).load(out.images_table)
         existing = read_table(spark, out.embeddings_table)
         if existing is not None:
             require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
-        todo = select_todo(images, existing, key)
+            ensure_features(spark, out.embeddings_table)
+            existing = read_table(spark, out.embeddings_table)
+        state = commit_state(spark, out.embeddings_table,
+                             lambda s: s.get("model_key") == key and "images_table_version" in s)
+        reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
+        m["images_sync"] = reason or "incremental"
+        m["images_table_version"] = images_version
+        current = images.select("image_id", "sha256", "path", "error")
+        mine = None if existing is None else existing.where(F.col("model_key") == key)
+        if keys is not None:
+            current = current.join(F.broadcast(keys), "image_id", "left_semi")
+            mine = None if mine is None else mine.join(F.broadcast(keys), "image_id", "left_semi")
+        wanted = select_todo(current, mine, key).persist(StorageLevel.MEMORY_AND_DISK)
+        stale = stale_rows(current, mine, key)
+        m["rows_considered"], n_todo = concurrently(current.count, wanted.count)
+        thumbnails = files.select("path", "sha256", "image")
+        if keys is not None and 0 < n_todo <= MAX_LISTED_PATHS:
+            # Only the data files that hold these thumbnails are read (Delta skips the others by path range).
+            paths = [r["path"] for r in wanted.select("path").collect()]
+            thumbnails = thumbnails.where(in_ranges("path", path_ranges(paths)))
+        todo = wanted.join(thumbnails, ["path", "sha256"]).select("image_id", "sha256", "image")
         # Spread the images over every task slot (every core, or every GPU share) of the cluster.
         todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)
-        stale = stale_rows(images, existing, key)
-        m["rows_considered"] = images.count()
     # The embedding UDF's own batch size, for this stage only (stage 1 keeps its smaller batches of whole files).
     with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(mc.arrow_batch_rows)}):
         embedded_at = utcnow()
@@ -247,11 +342,18 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             n_stale = stale.count() if stale is not None else 0
             m["skipped"] = m["rows_considered"] - int(stats["rows"])
             m["removed"] = n_stale
+            # Recorded with the commit: the images-table version these embeddings reflect.
+            reached = {"model_key": key, "images_table_version": images_version}
             if int(stats["rows"]) or n_stale or existing is None:
                 with report.step("write_embeddings_table"):
                     rows = result.select(*EMBEDDING_COLUMNS)
                     _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
-                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"]))
+                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"], metadata=reached))
+            elif state is None or state[1]["images_table_version"] != images_version:
+                record_state(spark, out.embeddings_table, reached)  # nothing to embed, but later runs start here
         finally:
             result.unpersist()
+            wanted.unpersist()
+            if keys is not None:
+                keys.unpersist()
     m["embeddings_table_version"] = table_version(spark, out.embeddings_table)

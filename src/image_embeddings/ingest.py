@@ -24,10 +24,15 @@ from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
+    commit_state,
+    create,
+    ensure_features,
     merge_changes,
-    overwrite,
+    read_changes,
     read_table,
+    record_state,
     require_columns,
+    sql_string,
     table_version,
     with_commit_retries,
 )
@@ -40,7 +45,9 @@ log = logging.getLogger(__name__)
 DECODE_STRUCT = "image BINARY, width INT, height INT, error STRING, sha256 STRING"
 FILE_COLUMNS = ("path", "image_id", "file_size", "modification_time", "sha256", "width", "height", "image",
                 "error", "preprocess_id", "run_id", "ingested_at")
-IMAGE_COLUMNS = ("image_id", "path", "file_size", "modification_time", "sha256", "width", "height", "image",
+# Every column but the thumbnail, which only the files table stores.
+NARROW_FILE_COLUMNS = tuple(c for c in FILE_COLUMNS if c != "image")
+IMAGE_COLUMNS = ("image_id", "path", "file_size", "modification_time", "sha256", "width", "height",
                  "error", "preprocess_id", "run_id", "ingested_at", "duplicate_files")
 UNREADABLE = "unreadable: the file vanished or changed while the run read it"
 EMPTY_FILE = "empty: zero-byte file"
@@ -363,9 +370,13 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
 
     with report.step("sales_check"):
         sales = read_sales(spark, inp.sales, inp.sales_key)
-    # The key check runs beside listing and planning; nothing is read or written before it passed.
+        sales_fp = sales_fingerprint(spark, inp.sales)
+        images_state = commit_state(spark, out.images_table, lambda s: "files_table_version" in s)
+    # The key check runs beside listing and planning; nothing is read or written before it passed. Sales files
+    # that have not changed since the images table was last brought up to date passed it then.
     sales_check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sales-check")
-    sales_checked = sales_check.submit(_check_sales_keys, sales, inp.sales_key)
+    checked_before = images_state is not None and images_state[1].get("sales") == sales_fp
+    sales_checked = sales_check.submit(lambda: None if checked_before else _check_sales_keys(sales, inp.sales_key))
     sales_check.shutdown(wait=False)
 
     with report.step("list"):
@@ -373,11 +384,17 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
         files = read_table(spark, out.files_table_path)
         if files is not None:
             require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
+            ensure_features(spark, out.files_table_path)
+            files = read_table(spark, out.files_table_path)
         images_now = read_table(spark, out.images_table)
         if images_now is not None:
             require_columns(images_now, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
                             "output.images_table")
-    plan = plan_files(listing, files, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
+    # Only the files-table rows under the listed folder: Delta skips the data files of other folders (days) by
+    # their path statistics, so planning reads what this run lists, not the whole table.
+    scope = root.rstrip("/") + "/"
+    in_scope = None if files is None else files.where(F.col("path").startswith(scope))
+    plan = plan_files(listing, in_scope, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
     plan = plan.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
@@ -432,24 +449,15 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
                 written = processed.select(*FILE_COLUMNS).coalesce(max(1, -(-summary["rows"] // ROWS_PER_WRITTEN_FILE)))
                 with report.step("write_files_table"):
                     _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
-                        spark, out.files_table_path, written, removed, "path"))
+                        spark, out.files_table_path, written, removed, "path",
+                        target_filter=f"startswith(t.path, {sql_string(scope)})"))
         finally:
             if decoded is not None:
                 decoded.unpersist()
     finally:
         plan.unpersist()
-    with report.step("counts"):
-        all_files = read_table(spark, out.files_table_path)
-        assert all_files is not None
-        images = resolve_duplicates(all_files)
-        m["files_table_version"], m["errors_total"], _ = concurrently(
-            lambda: table_version(spark, out.files_table_path), lambda: errors_by_reason(all_files),
-            lambda: _sales_match_counts(images, sales, m))
     with report.step("write_images_table"):
-        desired = join_sales(images, sales, inp.join)
-        _, m["images_table_attempts"] = with_commit_retries(
-            out.images_table, lambda: _update_images_table(spark, desired, out.images_table, report, inp.join))
-        m["images_table_version"] = table_version(spark, out.images_table)
+        sync_images(spark, config, sales, sales_fp, images_state, report)
     m["stage_seconds"] = round(time.monotonic() - started, 3)
 
 
@@ -480,7 +488,8 @@ def _check_sales_keys(sales: DataFrame, key: str) -> None:
                           "table must hold at most one row per image")
 
 
-def _sales_match_counts(images: DataFrame, sales: DataFrame, m: dict[str, Any]) -> None:
+def match_counts(images: DataFrame, sales: DataFrame) -> dict[str, int]:
+    """Images, duplicates and how images and sales rows matched, in one Spark job."""
     from pyspark.sql import functions as F
 
     left = images.select("image_id", "duplicate_files", F.lit(True).alias("_img"))
@@ -489,40 +498,178 @@ def _sales_match_counts(images: DataFrame, sales: DataFrame, m: dict[str, Any]) 
             .groupBy(F.col("_img").isNotNull().alias("img"), F.col("_sale").isNotNull().alias("sale"))
             .agg(F.count(F.lit(1)).alias("count"), F.sum("duplicate_files").alias("duplicates")).collect())
     counts = {(r["img"], r["sale"]): int(r["count"]) for r in rows}
-    m["images"] = counts.get((True, True), 0) + counts.get((True, False), 0)
-    m["duplicate_files"] = sum(int(r["duplicates"] or 0) for r in rows)
-    m["joined"] = counts.get((True, True), 0)
-    m["images_without_sales"] = counts.get((True, False), 0)
-    m["sales_without_images"] = counts.get((False, True), 0)
+    return {
+        "images": counts.get((True, True), 0) + counts.get((True, False), 0),
+        "duplicate_files": sum(int(r["duplicates"] or 0) for r in rows),
+        "joined": counts.get((True, True), 0),
+        "images_without_sales": counts.get((True, False), 0),
+        "sales_without_images": counts.get((False, True), 0),
+    }
 
 
-def _update_images_table(spark: SparkSession, desired: DataFrame, path: str, report: RunReport,
-                         config_join: str) -> None:
-    """Bring the images table to ``desired`` writing only rows that changed (nothing when none did)."""
+def sales_fingerprint(spark: SparkSession, location: str) -> str:
+    """A hash of the sales table's files (paths, sizes, modification times), read from a listing only."""
+    import hashlib
+
+    from pyspark.sql import functions as F
+
+    rows = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(location)
+            .select("path", "length", F.col("modificationTime").cast("long").alias("mtime")).collect())
+    text = "\n".join(f"{r['path']}|{r['length']}|{r['mtime']}" for r in sorted(rows, key=lambda r: r["path"]))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def first_states(changes: DataFrame) -> DataFrame:
+    """For each path in a change data feed, the row it had before the first change (none if it was inserted)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    before = F.col("_change_type").isin("update_preimage", "delete")
+    order = Window.partitionBy("path").orderBy(F.col("_commit_version"), F.when(before, 0).otherwise(1))
+    return (changes.withColumn("_n", F.row_number().over(order)).where((F.col("_n") == 1) & before)
+            .drop("_n", "_change_type", "_commit_version"))
+
+
+def error_changes(changes: DataFrame) -> Counter[str]:
+    """Errors by reason added minus removed by the file rows of a change data feed."""
+    from pyspark.sql import functions as F
+
+    sign = F.when(F.col("_change_type").isin("insert", "update_postimage"), 1).otherwise(-1)
+    rows = (changes.where(F.col("error").isNotNull())
+            .groupBy(F.substring_index(F.col("error"), ":", 1).alias("reason")).agg(F.sum(sign).alias("n")).collect())
+    return Counter({r["reason"]: int(r["n"]) for r in rows})
+
+
+TOTALS = ("images", "duplicate_files", "joined", "images_without_sales", "sales_without_images")
+
+
+def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_fp: str,
+                state: tuple[int, dict[str, Any]] | None, report: RunReport) -> None:
+    """Bring the images table up to date with the files table and the sales, reading only what changed.
+
+    The images table records, with each commit, the files-table version it reflects, the sales files'
+    fingerprint and running totals. The next run reads the files table's change data feed after that version:
+    only the image_ids it names are resolved again (their file rows looked up by key, thumbnails never read),
+    joined with their sales rows and merged. A new table, a table of an older release, changed sales files or
+    a change feed that is no longer readable (vacuumed) take the full path once: every image compared.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    inp, out, m = config.input, config.output, report.metrics
+    files_version = table_version(spark, out.files_table_path)
+    assert files_version is not None
+    files = (spark.read.format("delta").option("versionAsOf", files_version).load(out.files_table_path)
+             .select(*NARROW_FILE_COLUMNS))
+    m["files_table_version"] = files_version
+    existing = read_table(spark, out.images_table)
+    reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version)
+    m["images_sync"] = reason or "incremental"
+    recorded = {"files_table_version": files_version, "sales": sales_fp, "join": inp.join}
+    if reason is not None:
+        resolved = resolve_duplicates(files)
+        errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
+        m.update(totals, errors_total=errors)
+        _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images_table, report,
+                      {**recorded, "totals": totals, "errors_total": errors}, changed_keys=None)
+        return
+    assert state is not None
+    totals, errors = dict(state[1].get("totals", {})), Counter(state[1].get("errors_total", {}))
+    if changes is None:  # the files table did not change since the images table was last brought up to date
+        m.update(totals, errors_total=dict(sorted(errors.items())), images_upserted=0, images_deleted=0,
+                 images_table_write="unchanged", images_table_version=table_version(spark, out.images_table))
+        return
+    persisted = changes.where(F.col("image_id").isNotNull()).select("image_id").distinct().persist(
+        StorageLevel.MEMORY_AND_DISK)
+    keys = F.broadcast(persisted)
+    try:
+        after = files.join(keys, "image_id", "left_semi")
+        before = after.join(changes.select("path"), "path", "left_anti").unionByName(
+            first_states(changes).join(keys, "image_id", "left_semi"))
+        sales_k = sales.join(keys, "image_id", "left_semi")
+        resolved = resolve_duplicates(after)
+        now, then, delta = concurrently(lambda: match_counts(resolved, sales_k),
+                                        lambda: match_counts(resolve_duplicates(before), sales_k),
+                                        lambda: error_changes(changes))
+        totals = {k: int(totals.get(k, 0)) + now[k] - then[k] for k in TOTALS}
+        errors.update(delta)
+        errors_total = {k: v for k, v in sorted(errors.items()) if v}
+        m.update(totals, errors_total=errors_total)
+        _write_images(spark, join_sales(resolved, sales_k, inp.join), existing, out.images_table, report,
+                      {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys)
+    finally:
+        persisted.unpersist()
+        changes.unpersist()
+
+
+def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFrame | None,
+                        state: tuple[int, dict[str, Any]] | None, sales_fp: str,
+                        files_version: int) -> tuple[str | None, DataFrame | None]:
+    """Why the images table needs the full comparison (None: it does not), and the files changes since its state."""
+    from pyspark import StorageLevel
+
+    if existing is None:
+        return "full: new table", None
+    if "image" in existing.columns:
+        return "full: upgrade (thumbnails now live in the files table only)", None
+    if state is None:
+        return "full: no recorded state", None
+    recorded = state[1]
+    if recorded.get("sales") != sales_fp:
+        return "full: sales files changed", None
+    if recorded.get("join") != config.input.join:
+        return "full: input.join changed", None
+    since = int(recorded["files_table_version"])
+    if since > files_version:
+        return "full: recorded files-table version is ahead of the table", None
+    if since == files_version:
+        return None, None
+    try:
+        changes = (read_changes(spark, config.output.files_table_path, since, files_version)
+                   .select(*NARROW_FILE_COLUMNS, "_change_type", "_commit_version")
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+        changes.count()
+    except Exception as exc:
+        log.warning("files table change data feed after version %d unreadable, comparing every image: %s",
+                    since, str(exc).splitlines()[0][:300])
+        return "full: change data feed unavailable", None
+    return None, changes
+
+
+def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: str,
+                  report: RunReport, state: dict[str, Any], changed_keys: DataFrame | None) -> None:
+    """Bring the images table to ``desired`` (for ``changed_keys`` only, when given), writing only rows that
+    differ; the commit records ``state``. Nothing is written when nothing differs and the state is the same."""
     from pyspark.sql import functions as F
 
     now = utcnow()
     target = desired.withColumn("updated_run_id", F.lit(report.run_id)).withColumn(
         "updated_at", F.lit(now).cast("timestamp"))
-    existing = read_table(spark, path)
     m = report.metrics
     if existing is None or _schema_changed(existing, target):
-        overwrite(target, path)
+        with_commit_retries(path, lambda: create(spark, path, target, state,
+                                                 mode="errorifexists" if existing is None else "overwrite"))
         m["images_table_write"] = "created" if existing is None else "overwritten (schema changed)"
-        m["images_upserted"] = m["joined"] if config_join == "inner" else m["images"]
+        m["images_upserted"] = m["joined"] if state["join"] == "inner" else m["images"]
         m["images_deleted"] = 0
+        m["images_table_version"] = table_version(spark, path)
         return
+    have_rows = existing if changed_keys is None else existing.join(changed_keys, "image_id", "left_semi")
     wanted = target.withColumn("_fp", fingerprint(desired))
-    have = existing.select("image_id", fingerprint(existing).alias("_fp"))
+    have = have_rows.select("image_id", fingerprint(existing).alias("_fp"))
     upserts = wanted.join(have, ["image_id", "_fp"], "left_anti").drop("_fp")
     deletes = have.join(wanted.select("image_id"), "image_id", "left_anti").select("image_id")
-    n_upserts, n_deletes = upserts.count(), deletes.count()
+    n_upserts, n_deletes = concurrently(upserts.count, deletes.count)
     m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
     if n_upserts or n_deletes:
-        merge_changes(spark, path, upserts.select(*existing.columns), deletes, "image_id")
+        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+            spark, path, upserts.select(*existing.columns), deletes, "image_id", metadata=state))
         m["images_table_write"] = "merged"
     else:
+        # Nothing to change, but record the state reached, so later runs start from here.
+        record_state(spark, path, state)
         m["images_table_write"] = "unchanged"
+    m["images_table_version"] = table_version(spark, path)
 
 
 def _schema_changed(existing: DataFrame, target: DataFrame) -> bool:

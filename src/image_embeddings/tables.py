@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -80,18 +83,20 @@ def table_version(spark: SparkSession, path: str) -> int | None:
 
 
 def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: DataFrame | None,
-                  key: str | list[str]) -> None:
+                  key: str | list[str], target_filter: str | None = None,
+                  metadata: dict[str, Any] | None = None) -> None:
     """Insert or replace ``upserts`` and delete the ``key`` rows listed in ``deletes``, in one Delta commit.
 
-    Creates the table from ``upserts`` when it does not exist yet. Readers see either the old version or
-    the new one, never a part of the change.
+    Creates the table from ``upserts`` when it does not exist yet (with :func:`table_features`). Readers see
+    either the old version or the new one, never a part of the change. ``target_filter`` (SQL on the target,
+    alias ``t``) narrows the files the MERGE may touch, so Delta skips the others; ``metadata`` is recorded with
+    the commit (:func:`commit_state` reads it back).
     """
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     if not table_exists(spark, path):
-        upserts.write.format("delta").mode("errorifexists").save(path)
-        log.info("created delta table %s", path)
+        create(spark, path, upserts, metadata)
         return
     keys = [key] if isinstance(key, str) else key
     columns = upserts.columns
@@ -100,15 +105,137 @@ def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: D
         source = source.unionByName(deletes.select(*keys).withColumn("_delete", F.lit(True)),
                                     allowMissingColumns=True)
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    if target_filter:
+        condition = f"({target_filter}) AND {condition}"
     values: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in columns}
-    (
-        DeltaTable.forPath(spark, path).alias("t")
-        .merge(source.alias("s"), condition)
-        .whenMatchedDelete(condition="s._delete")
-        .whenMatchedUpdate(set=values)
-        .whenNotMatchedInsert(condition="NOT s._delete", values=values)
-        .execute()
-    )
+    with _commit_metadata(spark, metadata):
+        (
+            DeltaTable.forPath(spark, path).alias("t")
+            .merge(source.alias("s"), condition)
+            .whenMatchedDelete(condition="s._delete")
+            .whenMatchedUpdate(set=values)
+            .whenNotMatchedInsert(condition="NOT s._delete", values=values)
+            .execute()
+        )
+
+
+# Delta releases that write deletion vectors in MERGE, UPDATE and DELETE (3.1; reads since 2.3).
+DELETION_VECTORS_SINCE = (3, 1)
+STATE_KEY = "image_embeddings"
+
+
+def delta_version(spark: SparkSession) -> tuple[int, int]:
+    """The (major, minor) version of the Delta Lake jar this session runs, (0, 0) when it cannot tell."""
+    try:
+        text = str(spark._jvm.io.delta.VersionKt.getVersion())  # type: ignore[union-attr]
+    except Exception:
+        try:
+            from importlib.metadata import version
+
+            text = version("delta-spark")
+        except Exception:
+            return (0, 0)
+    parts = re.findall(r"\d+", text)
+    return (int(parts[0]), int(parts[1])) if len(parts) >= 2 else (0, 0)
+
+
+def table_features(columns: list[str] | tuple[str, ...], delta: tuple[int, int]) -> dict[str, str]:
+    """Table properties for a table this package creates, given its columns and the Delta version.
+
+    Change data feed always (every supported Delta has it): later runs find what changed from it. Deletion
+    vectors from Delta 3.1 on, so a MERGE marks replaced rows instead of rewriting whole files; not for tables
+    with a column named ``path``, where Delta's MERGE with deletion vectors fails with ``AMBIGUOUS_REFERENCE``
+    (delta-io/delta#5296).
+    """
+    features = {"delta.enableChangeDataFeed": "true"}
+    if delta >= DELETION_VECTORS_SINCE and "path" not in columns:
+        features["delta.enableDeletionVectors"] = "true"
+    return features
+
+
+def create(spark: SparkSession, path: str, df: DataFrame, metadata: dict[str, Any] | None = None,
+           mode: str = "errorifexists") -> None:
+    """Write ``df`` as a new table (or, with ``mode="overwrite"``, replace one) with :func:`table_features`."""
+    from image_embeddings.spark import session_conf
+
+    features = table_features(df.columns, delta_version(spark))
+    defaults = {"spark.databricks.delta.properties.defaults." + k[len("delta."):]: v for k, v in features.items()}
+    with session_conf(spark, defaults), _commit_metadata(spark, metadata):
+        writer = df.write.format("delta").mode(mode)
+        if mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")
+        writer.save(path)
+    if mode == "overwrite":
+        ensure_features(spark, path)
+    log.info("%s delta table %s (%s)", "created" if mode != "overwrite" else "rewrote", path,
+             ", ".join(f"{k}={v}" for k, v in sorted(features.items())))
+
+
+def ensure_features(spark: SparkSession, path: str) -> list[str]:
+    """Turn on the :func:`table_features` an existing table lacks (a table of an older release); return them."""
+    current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}
+    columns = spark.read.format("delta").load(path).columns
+    missing = {k: v for k, v in table_features(columns, delta_version(spark)).items() if current.get(k) != v}
+    if missing:
+        settings = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({settings})")
+        log.info("upgraded delta table %s: %s", path, settings)
+    return sorted(missing)
+
+
+@contextlib.contextmanager
+def _commit_metadata(spark: SparkSession, metadata: dict[str, Any] | None) -> Iterator[None]:
+    """Record ``metadata`` (as JSON under :data:`STATE_KEY`) in the commits made inside the block."""
+    if metadata is None:
+        yield
+        return
+    from image_embeddings.spark import session_conf
+
+    text = json.dumps({STATE_KEY: metadata}, sort_keys=True, separators=(",", ":"))
+    with session_conf(spark, {"spark.databricks.delta.commitInfo.userMetadata": text}):
+        yield
+
+
+def commit_state(spark: SparkSession, path: str, match: Callable[[dict[str, Any]], bool] = lambda s: True,
+                 limit: int = 200) -> tuple[int, dict[str, Any]] | None:
+    """The newest commit of ``path`` whose recorded metadata satisfies ``match``: (version, metadata).
+
+    Reads the Delta log's commit infos only (the last ``limit`` commits first, then all of them).
+    """
+    from delta.tables import DeltaTable
+
+    if not table_exists(spark, path):
+        return None
+    table = DeltaTable.forPath(spark, path)
+    for history in (table.history(limit), table.history()):
+        rows = history.select("version", "userMetadata").orderBy("version", ascending=False).collect()
+        for row in rows:
+            try:
+                state = json.loads(row["userMetadata"] or "{}").get(STATE_KEY)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(state, dict) and match(state):
+                return int(row["version"]), state
+        if len(rows) < limit:
+            break
+    return None
+
+
+def record_state(spark: SparkSession, path: str, metadata: dict[str, Any]) -> None:
+    """Record ``metadata`` in a commit of its own that changes no data (for runs that had nothing to write)."""
+    with _commit_metadata(spark, metadata):
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
+
+
+def sql_string(text: str) -> str:
+    """``text`` as a Spark SQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def read_changes(spark: SparkSession, path: str, after_version: int, to_version: int) -> DataFrame:
+    """The change data feed of ``path`` for versions ``after_version + 1`` to ``to_version``."""
+    return (spark.read.format("delta").option("readChangeFeed", "true")
+            .option("startingVersion", after_version + 1).option("endingVersion", to_version).load(path))
 
 
 def overwrite(df: DataFrame, path: str) -> None:
