@@ -15,6 +15,7 @@ from image_embeddings.cli import main
 from image_embeddings.config import (
     AppConfig,
     ConfigError,
+    MaintenanceConfig,
     OutputConfig,
     PreprocessConfig,
     load_config,
@@ -77,8 +78,8 @@ def test_local_yaml_loads_and_validates() -> None:
 
 
 def test_emr_yaml_loads_and_validates() -> None:
-    config = load_config(CONF / "emr.yaml")
-    assert config.input.images == "s3://my-bucket/raw-images"
+    config = load_config(CONF / "emr.yaml", run_date="2026-11-23")
+    assert config.input.images == "s3://my-bucket/raw-images/2026-11-23"
     assert config.input.join == "inner"
     assert config.input.extensions == DEFAULT_EXTENSIONS
     assert config.output.runs_table == "s3://my-bucket/delta/runs"
@@ -89,10 +90,12 @@ def test_emr_yaml_loads_and_validates() -> None:
     assert config.spark.conf == {"spark.sql.shuffle.partitions": "200",
                                  "spark.sql.files.maxPartitionBytes": "64m"}
     assert config.s3.map_s3_scheme is False
+    assert config.maintenance == MaintenanceConfig(vacuum_retention_hours=168, optimize=True)
 
 
 def test_databricks_yaml_loads_and_validates() -> None:
-    config = load_config(CONF / "databricks.yaml")
+    config = load_config(CONF / "databricks.yaml", run_date="2026-11-23")
+    assert config.input.images == "s3://my-bucket/raw-images/2026-11-23"
     assert config.input.sales == "s3://my-bucket/sales-data"
     assert config.output.embeddings_table == "s3://my-bucket/delta/image-embeddings"
     assert config.output.files_table_path == "s3://my-bucket/delta/images_files"
@@ -100,6 +103,18 @@ def test_databricks_yaml_loads_and_validates() -> None:
     assert config.spark.conf == {}
     assert config.spark.arrow_max_records_per_batch == 32
     assert config.s3.map_s3_scheme is False
+    assert config.maintenance == MaintenanceConfig(vacuum_retention_hours=168, optimize=True)
+
+
+@pytest.mark.parametrize("name", ["emr.yaml", "databricks.yaml"])
+def test_cluster_configs_read_one_day_and_need_a_run_date(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONF / name)
+    assert str(info.value) == "input.images: contains {run_date}; pass --run-date YYYY-MM-DD"
+    # Commands that read no input (maintain, check-config) keep the placeholder instead.
+    assert load_config(CONF / name, needs_input=False).input.images == "s3://my-bucket/raw-images/{run_date}"
+    assert load_config(CONF / name, run_date="2026-11-24", needs_input=False).input.images == (
+        "s3://my-bucket/raw-images/2026-11-24")
 
 
 def test_defaults_of_minimal_config() -> None:
@@ -110,6 +125,7 @@ def test_defaults_of_minimal_config() -> None:
     assert config.spark.app_name == "image-embeddings"
     assert config.s3.ssl is True
     assert config.s3.max_attempts == 5
+    assert config.maintenance == MaintenanceConfig(vacuum_retention_hours=168, optimize=True)
 
 
 def test_files_table_path_strips_trailing_slash_and_explicit_value_wins() -> None:
@@ -277,6 +293,7 @@ def test_bad_mode() -> None:
     ("input.max_file_bytes=2000000001", "input.max_file_bytes"),
     ("spark.arrow_max_records_per_batch=0", "spark.arrow_max_records_per_batch"),
     ("s3.max_attempts=0", "s3.max_attempts"),
+    ("maintenance.vacuum_retention_hours=-1", "maintenance.vacuum_retention_hours"),
 ])
 def test_out_of_range(override: str, key: str) -> None:
     assert _error(override).startswith(key + ": must ")
@@ -285,6 +302,7 @@ def test_out_of_range(override: str, key: str) -> None:
 @pytest.mark.parametrize("override", [
     "preprocess.size=8", "preprocess.size=4096", "preprocess.jpeg_quality=1", "preprocess.jpeg_quality=95",
     "preprocess.crop_fraction=1", "preprocess.crop_fraction=0.01", "input.max_file_bytes=2000000000",
+    "maintenance.vacuum_retention_hours=0", "maintenance.optimize=false",
 ])
 def test_range_boundaries_accepted(override: str) -> None:
     key, value = parse_override(override)
@@ -492,6 +510,15 @@ def test_cli_check_config_unknown_key(caplog: pytest.LogCaptureFixture, capsys: 
     assert len(errors) == 1
     assert errors[0].getMessage().startswith("invalid configuration: input.bogus: unknown config key")
     assert capsys.readouterr().out == ""
+
+
+def test_cli_check_config_of_a_one_day_config_needs_no_run_date(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(CONF / "emr.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["input"]["images"] == "s3://my-bucket/raw-images/{run_date}"
+    assert printed["maintenance"] == {"vacuum_retention_hours": 168, "optimize": True}
+    assert main(["check-config", "--config", str(CONF / "emr.yaml"), "--run-date", "2026-11-23"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"]["images"] == "s3://my-bucket/raw-images/2026-11-23"
 
 
 def test_cli_check_config_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

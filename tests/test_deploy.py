@@ -84,7 +84,14 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
     embed_args = steps[1]["HadoopJarStep"]["Args"]
     assert "s3://my-bucket/image-embeddings/dist/env-embed.tar.gz#environment" in embed_args
     assert embed_args[-5] == "s3://my-bucket/image-embeddings/jobs/embed_images.py"
-    assert [s["ActionOnFailure"] for s in steps] == ["CANCEL_AND_WAIT", "CONTINUE"]
+    # Maintenance after embed, without torch (the stage 1 environment), never cancelling what follows.
+    maintain_args = steps[2]["HadoopJarStep"]["Args"]
+    assert steps[2]["Name"] == "image-embeddings maintain 2026-11-23"
+    assert "s3://my-bucket/image-embeddings/dist/env-ingest.tar.gz#environment" in maintain_args
+    assert maintain_args[-5:] == ["s3://my-bucket/image-embeddings/jobs/maintain_tables.py", "--config", "emr.yaml",
+                                  "--run-date", "2026-11-23"]
+    assert (REPO / "jobs" / "maintain_tables.py").exists()
+    assert [s["ActionOnFailure"] for s in steps] == ["CANCEL_AND_WAIT", "CONTINUE", "CONTINUE"]
 
     cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
     classes = {c["Classification"]: c for c in cluster["Configurations"]}
@@ -94,7 +101,9 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
         "/usr/lib/spark/scripts/gpu/getGpusResources.sh")
     groups = {g["InstanceRole"]: g for g in cluster["Instances"]["InstanceGroups"]}
     assert groups["CORE"]["InstanceType"].startswith("m6i") and groups["TASK"]["InstanceType"].startswith("g5")
-    emr = load_config(REPO / "conf" / "emr.yaml")
+    emr = load_config(REPO / "conf" / "emr.yaml", run_date="2026-11-23")
+    assert emr.input.images == "s3://my-bucket/raw-images/2026-11-23"  # the day the DAG's sensor waits for
+    assert emr.maintenance.vacuum_retention_hours >= 168  # never below Delta's default safety minimum
     assert emr.spark.embed_conf["spark.executor.resource.gpu.amount"] == "1"
     assert emr.spark.embed_conf["spark.task.resource.gpu.amount"] == "0.5"
     assert emr.spark.packages == () and emr.spark.master is None
@@ -125,9 +134,12 @@ def test_databricks_job_definition() -> None:
     clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
     assert "gpu-ml" in clusters["gpu"]["spark_version"] and "gpu" not in clusters["cpu"]["spark_version"]
     assert clusters["gpu"]["spark_conf"]["spark.task.resource.gpu.amount"] == "0.5"
+    assert "gpu" not in clusters["maintenance"]["spark_version"]
     tasks = {t["task_key"]: t for t in job["tasks"]}
-    assert (tasks["ingest"]["job_cluster_key"], tasks["embed"]["job_cluster_key"]) == ("cpu", "gpu")
+    assert list(tasks) == ["ingest", "embed", "maintain"]
+    assert [tasks[k]["job_cluster_key"] for k in tasks] == ["cpu", "gpu", "maintenance"]
     assert tasks["embed"]["depends_on"] == [{"task_key": "ingest"}]
+    assert tasks["maintain"]["depends_on"] == [{"task_key": "embed"}]
     for stage, task in tasks.items():
         wheel_task = task["python_wheel_task"]
         assert wheel_task["entry_point"] in scripts
@@ -157,10 +169,12 @@ def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
     emr = _airflow_probe(tmp_path)
     assert emr["import_errors"] == {} and emr["dags"] == ["image_embeddings_nightly"]
     assert emr["tasks"] == {"wait_for_upload": ["ingest"], "ingest": ["ingest_done"], "ingest_done": ["embed"],
-                            "embed": ["embed_done"], "embed_done": []}
+                            "embed": ["embed_done"], "embed_done": ["maintain"], "maintain": ["maintain_done"],
+                            "maintain_done": []}
     assert set(emr["retries"].values()) == {2} and set(emr["timeouts"].values()) == {6 * 3600.0}
     steps = emr_steps("s3://my-bucket/image-embeddings", "2026-11-23")
     assert emr["rendered"]["ingest.steps"] == [steps[0]] and emr["rendered"]["embed.steps"] == [steps[1]]
+    assert emr["rendered"]["maintain.steps"] == [steps[2]]
     assert emr["rendered"]["wait_for_upload.bucket_key"] == "raw-images/2026-11-23/*"
 
     settings = yaml.safe_load((REPO / "deploy" / "airflow" / "settings.yaml").read_text())
@@ -168,9 +182,13 @@ def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
     del settings["upload_sensor"]
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
     dbx = _airflow_probe(tmp_path, tmp_path / "settings.yaml")
-    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": []}
+    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": ["maintain"], "maintain": []}
     run = dbx["rendered"]["embed.json"]
     task = run["tasks"][0]
     assert run["run_name"] == "image-embeddings embed 2026-11-23"
     assert task["python_wheel_task"]["parameters"][-2:] == ["--run-date", "2026-11-23"]
     assert "gpu-ml" in task["new_cluster"]["spark_version"]
+    maintain = dbx["rendered"]["maintain.json"]["tasks"][0]
+    assert maintain["python_wheel_task"]["parameters"] == [
+        "maintain", "--config", "/Workspace/Shared/image-embeddings/conf/databricks.yaml", "--run-date", "2026-11-23"]
+    assert "gpu" not in maintain["new_cluster"]["spark_version"] and "depends_on" not in maintain

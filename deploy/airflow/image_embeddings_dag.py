@@ -1,6 +1,9 @@
-"""Nightly image embeddings: (wait for the day's upload) -> ingest -> embed, for the run's `{{ ds }}`.
+"""Nightly image embeddings: (wait for the day's upload) -> ingest -> embed -> maintain, for the run's `{{ ds }}`.
 
 Runs the jobs as EMR steps or as Databricks runs, chosen by `runner` in settings.yaml beside this file.
+`maintain` (OPTIMIZE and VACUUM of the Delta tables) runs after a successful embed. It never changes a table's
+rows: when it fails, the night's data is already committed and stays as it is; the DAG run shows the failure, and
+the next night runs (and maintains) as usual.
 The step arguments come from `image_embeddings.deploy`, the same code that renders deploy/emr/steps.json.
 Install the package (no extras) in the Airflow environment: `pip install spark-image-embeddings`.
 """
@@ -15,7 +18,7 @@ from typing import Any
 import yaml
 from airflow import DAG
 
-from image_embeddings.deploy import databricks_job, databricks_task, emr_steps
+from image_embeddings.deploy import STAGES, databricks_job, databricks_task, emr_steps
 
 SETTINGS_FILE = Path(os.environ.get("IMAGE_EMBEDDINGS_DAG_SETTINGS", Path(__file__).with_name("settings.yaml")))
 SETTINGS: dict[str, Any] = yaml.safe_load(SETTINGS_FILE.read_text())
@@ -49,7 +52,7 @@ with DAG(
         from airflow.providers.amazon.aws.sensors.emr import EmrStepSensor
 
         emr = SETTINGS["emr"]
-        for index, stage in enumerate(("ingest", "embed")):
+        for index, stage in enumerate(STAGES):
             add = EmrAddStepsOperator(
                 task_id=stage, job_flow_id=emr["cluster_id"], aws_conn_id=emr["aws_conn_id"],
                 steps=[emr_steps(emr["s3_prefix"], "{{ ds }}")[index]])
@@ -64,9 +67,9 @@ with DAG(
         dbx = SETTINGS["databricks"]
         job_clusters = databricks_job(dbx["workspace_dir"])["job_clusters"]
         clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job_clusters}
-        for stage, kind in (("ingest", "cpu"), ("embed", "gpu")):
+        for stage, kind in (("ingest", "cpu"), ("embed", "gpu"), ("maintain", "maintenance")):
             task = databricks_task(stage, dbx["workspace_dir"], "{{ ds }}")
-            task.pop("depends_on", None)  # Airflow orders the two runs
+            task.pop("depends_on", None)  # Airflow orders the runs
             cluster = (dbx.get("existing_cluster_ids") or {}).get(stage)
             if cluster:
                 task["existing_cluster_id"] = cluster

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--json", action="store_true", help="print the neighbours as JSON")
     check = sub.add_parser("check-config", help="validate a config file and print it")
     _add_common(check)
+    maintain = sub.add_parser("maintain", help="OPTIMIZE and VACUUM the Delta tables (retention from config)")
+    _add_common(maintain)
+    maintain.add_argument("--allow-short-retention", action="store_true",
+                          help="VACUUM even with maintenance.vacuum_retention_hours below a table's "
+                               "delta.deletedFileRetentionDuration (Delta's safety check is disabled for that call)")
     return parser
 
 
@@ -58,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        config = load_config(args.config, args.overrides, run_date=args.run_date)
+        # maintain and check-config read no input: a {run_date} placeholder needs no --run-date there.
+        config = load_config(args.config, args.overrides, run_date=args.run_date,
+                             needs_input=args.command not in ("maintain", "check-config"))
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
@@ -70,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(redact(as_dict(config)), indent=2, sort_keys=True))
         return 0
+    if args.command == "maintain":
+        return _maintain(args, config)
     return _run_command(args, config)
 
 
@@ -98,6 +107,29 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     except (IngestError, EmbedError, WeightsError, SimilarError, IncompatibleTableError, ConcurrentWriteError) as exc:
         log.error("%s failed: %s", args.command, exc)
         return 1
+
+
+def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
+    """OPTIMIZE and VACUUM; needs neither the stages' modules nor torch."""
+    import image_embeddings
+    from image_embeddings.maintain import MaintenanceError, RetentionTooShortError, run_maintain, table_line
+    from image_embeddings.spark import get_spark
+    from image_embeddings.tables import ConcurrentWriteError
+
+    log.info("image-embeddings %s (%s) maintain", image_embeddings.__version__, image_embeddings.__file__)
+    spark = get_spark(config, stage="maintain")
+    try:
+        report = run_maintain(spark, config, allow_short_retention=args.allow_short_retention,
+                              run_id=args.run_id, report_file=args.report, run_date=args.run_date)
+    except RetentionTooShortError as exc:
+        log.error("maintain refused: %s", exc)
+        return 2
+    except (MaintenanceError, ConcurrentWriteError) as exc:
+        log.error("maintain failed: %s", exc)
+        return 1
+    for name, entry in report.metrics["tables"].items():
+        print(table_line(name, entry))
+    return 0
 
 
 def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:

@@ -117,6 +117,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MaintenanceConfig:
+    """``image-embeddings maintain``: OPTIMIZE and VACUUM of the package's Delta tables."""
+
+    vacuum_retention_hours: int = 168
+    optimize: bool = True
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole validated configuration."""
 
@@ -126,6 +134,7 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     s3: S3Config = field(default_factory=S3Config)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,11 +142,13 @@ class AppConfig:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = (),
-                data: dict[str, Any] | None = None, run_date: str | None = None) -> AppConfig:
+                data: dict[str, Any] | None = None, run_date: str | None = None,
+                needs_input: bool = True) -> AppConfig:
     """Load a YAML file (or a dict), apply ``key=value`` overrides and return a validated config.
 
     ``{run_date}`` in ``input.images`` or ``input.sales`` is replaced by ``run_date`` (YYYY-MM-DD), so one
-    config serves every nightly run and every re-run of a single day.
+    config serves every nightly run and every re-run of a single day. ``needs_input=False`` (commands that
+    read no input: ``maintain``, ``check-config``) leaves the placeholder in place when no date is given.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -162,7 +173,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         key, value = parse_override(item)
         _set_dotted(raw, key, _Override(item.split("=", 1)[1], value))
     config = _build(AppConfig, raw, "")
-    config = with_run_date(config, run_date)
+    if needs_input or run_date is not None:
+        config = with_run_date(config, run_date)
     _check(config)
     return config
 
@@ -382,6 +394,9 @@ def _check(config: AppConfig) -> None:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
     if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):
         raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {s3.endpoint!r}")
+    if config.maintenance.vacuum_retention_hours < 0:
+        raise ConfigError("maintenance.vacuum_retention_hours: must be >= 0, got "
+                          f"{config.maintenance.vacuum_retention_hours}")
 
 
 def _check_model(model: ModelConfig) -> None:

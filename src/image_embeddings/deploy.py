@@ -1,5 +1,8 @@
 """Deployment definitions built in one place: EMR steps (exact spark-submit arguments), the Databricks job.
 
+Each night runs ingest, then embed, then table maintenance (OPTIMIZE and VACUUM). Maintenance never changes a
+table's rows and its failure leaves the data as it was, so it never holds back the data steps or the next night.
+
 The files under ``deploy/`` are rendered from these functions (a test checks they match), and the Airflow
 DAG calls them, so the arguments a cluster receives cannot drift apart. Nothing here imports Spark or torch.
 
@@ -18,15 +21,20 @@ from typing import Any
 from image_embeddings import __version__
 
 WHEEL = f"spark_image_embeddings-{__version__}-py3-none-any.whl"
+STAGES = ("ingest", "embed", "maintain")
+_JOBS = {"ingest": "ingest_images.py", "embed": "embed_images.py", "maintain": "maintain_tables.py"}
 
 
 def spark_submit_args(stage: str, s3_prefix: str, run_date: str, config: str = "emr.yaml") -> list[str]:
-    """The spark-submit command of one stage on EMR (cluster mode, the packed environment from S3)."""
-    if stage not in ("ingest", "embed"):
+    """The spark-submit command of one stage on EMR (cluster mode, the packed environment from S3).
+
+    Maintenance needs no torch: it runs with the stage 1 environment.
+    """
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     prefix = s3_prefix.rstrip("/")
-    env = "env-ingest" if stage == "ingest" else "env-embed"
-    job = "ingest_images.py" if stage == "ingest" else "embed_images.py"
+    env = "env-embed" if stage == "embed" else "env-ingest"
+    job = _JOBS[stage]
     return [
         "spark-submit", "--deploy-mode", "cluster",
         "--archives", f"{prefix}/dist/{env}.tar.gz#environment",
@@ -39,13 +47,16 @@ def spark_submit_args(stage: str, s3_prefix: str, run_date: str, config: str = "
 
 
 def emr_steps(s3_prefix: str, run_date: str, config: str = "emr.yaml") -> list[dict[str, Any]]:
-    """The two EMR steps (``aws emr add-steps --steps file://...`` and Airflow's EmrAddStepsOperator)."""
+    """The three EMR steps (``aws emr add-steps --steps file://...`` and Airflow's EmrAddStepsOperator).
+
+    A failed ingest cancels the steps behind it; a failed embed or maintenance step lets the cluster go on (the
+    tables keep their last good version), and the cluster stays up for the next night.
+    """
     return [{
         "Name": f"image-embeddings {stage} {run_date}",
-        # A failed ingest cancels the embed step behind it; the cluster stays up for the next night.
         "ActionOnFailure": "CANCEL_AND_WAIT" if stage == "ingest" else "CONTINUE",
         "HadoopJarStep": {"Jar": "command-runner.jar", "Args": spark_submit_args(stage, s3_prefix, run_date, config)},
-    } for stage in ("ingest", "embed")]
+    } for stage in STAGES]
 
 
 def databricks_task(stage: str, workspace_dir: str, run_date: str, cluster_key: str | None = None,
@@ -65,32 +76,42 @@ def databricks_task(stage: str, workspace_dir: str, run_date: str, cluster_key: 
     }
     if cluster_key:
         task["job_cluster_key"] = cluster_key
-    if stage == "embed":
-        task["depends_on"] = [{"task_key": "ingest"}]
+    previous = {"embed": "ingest", "maintain": "embed"}.get(stage)
+    if previous:
+        task["depends_on"] = [{"task_key": previous}]
     return task
 
 
 _PROFILE = "<instance-profile-arn>"
 
 
+def _cpu_cluster(num_workers: int) -> dict[str, Any]:
+    return {"spark_version": "15.4.x-scala2.12", "node_type_id": "m6i.2xlarge", "num_workers": num_workers,
+            "spark_conf": {"spark.sql.execution.arrow.maxRecordsPerBatch": "32"},
+            "aws_attributes": {"availability": "SPOT_WITH_FALLBACK", "instance_profile_arn": _PROFILE}}
+
+
 def databricks_job(workspace_dir: str, run_date: str = "{{job.start_time.iso_date}}") -> dict[str, Any]:
-    """A Jobs API 2.1 job: ingest on a CPU job cluster, then embed on a GPU job cluster, nightly."""
+    """A Jobs API 2.1 job: ingest on a CPU job cluster, embed on a GPU job cluster, then maintenance, nightly.
+
+    Maintenance gets a small CPU cluster of its own: a job cluster lives until the last task using it ends, so
+    sharing stage 1's would keep it idle through the embedding.
+    """
     return {
         "name": "image-embeddings nightly",
         "schedule": {"quartz_cron_expression": "0 0 2 * * ?", "timezone_id": "UTC", "pause_status": "PAUSED"},
         "max_concurrent_runs": 1,
         "job_clusters": [
-            {"job_cluster_key": "cpu", "new_cluster": {
-                "spark_version": "15.4.x-scala2.12", "node_type_id": "m6i.2xlarge", "num_workers": 4,
-                "spark_conf": {"spark.sql.execution.arrow.maxRecordsPerBatch": "32"},
-                "aws_attributes": {"availability": "SPOT_WITH_FALLBACK", "instance_profile_arn": _PROFILE}}},
+            {"job_cluster_key": "cpu", "new_cluster": _cpu_cluster(4)},
             {"job_cluster_key": "gpu", "new_cluster": {
                 "spark_version": "15.4.x-gpu-ml-scala2.12", "node_type_id": "g5.2xlarge", "num_workers": 2,
                 "spark_conf": {"spark.task.resource.gpu.amount": "0.5", "spark.python.worker.reuse": "true"},
                 "aws_attributes": {"availability": "ON_DEMAND", "instance_profile_arn": _PROFILE}}},
+            {"job_cluster_key": "maintenance", "new_cluster": _cpu_cluster(2)},
         ],
         "tasks": [databricks_task("ingest", workspace_dir, run_date, "cpu"),
-                  databricks_task("embed", workspace_dir, run_date, "gpu")],
+                  databricks_task("embed", workspace_dir, run_date, "gpu"),
+                  databricks_task("maintain", workspace_dir, run_date, "maintenance")],
     }
 
 

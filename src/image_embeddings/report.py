@@ -115,11 +115,11 @@ def errors_by_reason(df: DataFrame) -> dict[str, int]:
 
 def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSession, runs_table: str,
                  run_id: str | None, report_file: str | None, run_date: str | None,
-                 rate: tuple[str, str | None]) -> RunReport:
+                 rate: tuple[str, str | None] | None) -> RunReport:
     """Run ``work`` with a fresh report and publish it, on success and on failure (then re-raise).
 
     ``rate`` names the metric counted and the metric of seconds (None: the whole run) for
-    ``images_per_second``.
+    ``images_per_second``; ``rate=None`` (a run that handles no images) adds no rate.
     """
     report = RunReport(run_id=run_id or new_run_id(stage), stage=stage, started_at=utcnow(), run_date=run_date)
     try:
@@ -129,9 +129,11 @@ def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSess
         publish(report, spark, runs_table, report_file)
         raise
     report.finish("succeeded")
-    count, seconds_key = rate
-    seconds = report.duration_s if seconds_key is None else report.metrics.get(seconds_key)
-    report.metrics["images_per_second"] = round(report.metrics.get(count, 0) / max(float(seconds or 0.0), 1e-6), 2)
+    if rate is not None:
+        count, seconds_key = rate
+        seconds = report.duration_s if seconds_key is None else report.metrics.get(seconds_key)
+        report.metrics["images_per_second"] = round(
+            report.metrics.get(count, 0) / max(float(seconds or 0.0), 1e-6), 2)
     publish(report, spark, runs_table, report_file)
     return report
 
