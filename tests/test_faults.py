@@ -106,7 +106,9 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
     if stage == "ingest":
         assert report.metrics["files_decoded"] == len(ids) and report.metrics["errors"] == {}
         rows = spark.read.format("delta").load(config.output.images_table)
-        assert rows.where("image IS NOT NULL").count() == len(ids)
+        assert rows.where("error IS NULL").count() == len(ids)
+        thumbnails = spark.read.format("delta").load(config.output.files_table_path)
+        assert thumbnails.where("image IS NOT NULL").count() == len(ids)
     else:
         assert report.metrics["embedded"] == len(ids)
         rows = spark.read.format("delta").load(config.output.embeddings_table)
