@@ -232,8 +232,6 @@ def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame |
     table's change data feed after it names the images to look at. Without one (a new table or model, a table
     of an older release, a change feed already vacuumed) every image is compared once.
     """
-    from pyspark import StorageLevel
-
     if existing is None:
         return "full: new table", None
     if state is None:
@@ -243,13 +241,8 @@ def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame |
         return "full: recorded images-table version is ahead of the table", None
     if since == images_version:
         return None, spark.createDataFrame([], "image_id STRING")
-    try:
-        keys = (read_changes(spark, images_path, since, images_version).select("image_id").distinct()
-                .persist(StorageLevel.MEMORY_AND_DISK))
-        keys.count()
-    except Exception as exc:
-        log.warning("images table change data feed after version %d unreadable, comparing every image: %s",
-                    since, str(exc).splitlines()[0][:300])
+    keys = read_changes(spark, images_path, since, images_version, ("image_id",))
+    if keys is None:
         return "full: change data feed unavailable", None
     return None, keys
 

@@ -606,7 +606,6 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
                         state: tuple[int, dict[str, Any]] | None, sales_fp: str,
                         files_version: int) -> tuple[str | None, DataFrame | None]:
     """Why the images table needs the full comparison (None: it does not), and the files changes since its state."""
-    from pyspark import StorageLevel
 
     if existing is None:
         return "full: new table", None
@@ -624,14 +623,9 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
         return "full: recorded files-table version is ahead of the table", None
     if since == files_version:
         return None, None
-    try:
-        changes = (read_changes(spark, config.output.files_table_path, since, files_version)
-                   .select(*NARROW_FILE_COLUMNS, "_change_type", "_commit_version")
-                   .persist(StorageLevel.MEMORY_AND_DISK))
-        changes.count()
-    except Exception as exc:
-        log.warning("files table change data feed after version %d unreadable, comparing every image: %s",
-                    since, str(exc).splitlines()[0][:300])
+    changes = read_changes(spark, config.output.files_table_path, since, files_version,
+                           (*NARROW_FILE_COLUMNS, "_change_type", "_commit_version"))
+    if changes is None:
         return "full: change data feed unavailable", None
     return None, changes
 

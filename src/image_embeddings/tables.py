@@ -232,10 +232,25 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def read_changes(spark: SparkSession, path: str, after_version: int, to_version: int) -> DataFrame:
-    """The change data feed of ``path`` for versions ``after_version + 1`` to ``to_version``."""
-    return (spark.read.format("delta").option("readChangeFeed", "true")
-            .option("startingVersion", after_version + 1).option("endingVersion", to_version).load(path))
+def read_changes(spark: SparkSession, path: str, after_version: int, to_version: int,
+                 columns: tuple[str, ...]) -> DataFrame | None:
+    """``columns`` of the change data feed of ``path`` for versions ``after_version + 1`` to ``to_version``, cached.
+
+    None, with a warning, when the feed cannot be read (not enabled for those versions, or vacuumed): the
+    caller then compares whole tables once.
+    """
+    from pyspark import StorageLevel
+
+    try:
+        changes = (spark.read.format("delta").option("readChangeFeed", "true")
+                   .option("startingVersion", after_version + 1).option("endingVersion", to_version).load(path)
+                   .select(*columns).persist(StorageLevel.MEMORY_AND_DISK))
+        changes.count()
+    except Exception as exc:
+        log.warning("change data feed of %s after version %d unreadable, comparing every row: %s", path,
+                    after_version, str(exc).splitlines()[0][:300])
+        return None
+    return changes
 
 
 def overwrite(df: DataFrame, path: str) -> None:
