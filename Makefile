@@ -50,8 +50,10 @@ lint: setup
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
 
-# Benchmarks against the article's pipeline (prints a Markdown table, writes bench/results/latest.md).
+# Benchmarks against the article's pipeline (prints a Markdown table, writes bench/results/latest.md), then the
+# nightly-scale benchmark (N=1,000 and 4,000 photos, 20 changed; appends to bench/results/nightly.md; 12-15 min idle).
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/nightly.py
 
 # On a machine with a GPU (torch, torchvision, Pillow; no Spark needed): PYTHONPATH=src python bench/gpu.py

@@ -1,6 +1,10 @@
 """`make bench`: our stages against the article's pipeline, each ratio measured in one process on the same data.
 
     .venv/bin/python bench/run.py [--only stage1,stage2,pipeline] [--photos 600] [--out bench/results/latest.md]
+
+`make bench` then runs bench/nightly.py, the nightly-scale benchmark (tables of N=1,000 and 4,000 photos, a
+nightly run that changes 20 files: Spark input and shuffle bytes, wall time, live table bytes per image; appended
+to bench/results/nightly.md). On a machine with a GPU, bench/gpu.py measures the embedder alone.
 """
 
 from __future__ import annotations
