@@ -1,9 +1,11 @@
-"""Shared fixtures: one local MinIO server and one local SparkSession (with Delta and S3A) per test run."""
+"""Shared fixtures: one local SparkSession (with Delta and S3A) per test run, and a local MinIO server started
+only when a test uses S3: tests on tiny frames and local tables need no server."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,19 +16,37 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONF = REPO / "conf" / "local.yaml"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A real MinIO on 127.0.0.1; its credentials are exported for boto3 and Spark's S3A."""
-    from image_embeddings import s3server
+@dataclass(frozen=True)
+class S3Plan:
+    """Where the test S3 server will listen and its credentials, fixed before any JVM starts (S3A reads the
+    credentials from the JVM's environment); the server itself starts only for tests that ask for it."""
 
-    try:
-        server = s3server.start(tmp_path_factory.mktemp("minio") / "data")
-    except FileNotFoundError as exc:
-        pytest.fail(f"the tests need a local S3 server: {exc}", pytrace=False)
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
+    port: int
+    access_key: str
+    secret_key: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_plan() -> Iterator[S3Plan]:
+    """The test S3 server's address and credentials, exported for boto3 and Spark's S3A; no process yet."""
+    import secrets
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    plan = S3Plan(port, "test" + secrets.token_hex(4), secrets.token_hex(16))
+    saved = {k: os.environ.get(k) for k in plan.env()}
+    os.environ.update(plan.env())
+    yield plan
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -35,9 +55,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def base_overrides(s3_server: object) -> list[str]:
-    """Overrides that point conf/local.yaml at the test S3 server."""
-    return [f"s3.endpoint={s3_server.endpoint}", "s3.ssl=false"]  # type: ignore[attr-defined]
+def s3_server(s3_plan: S3Plan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real MinIO on 127.0.0.1, started for the tests that use S3, at the planned address."""
+    from image_embeddings import s3server
+
+    try:
+        server = s3server.start(tmp_path_factory.mktemp("minio") / "data", port=s3_plan.port,
+                                access_key=s3_plan.access_key, secret_key=s3_plan.secret_key)
+    except FileNotFoundError as exc:
+        pytest.fail(f"the tests need a local S3 server: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_overrides(s3_plan: S3Plan) -> list[str]:
+    """Overrides that point conf/local.yaml at the test S3 server (which tests using S3 start: ``s3_server``)."""
+    return [f"s3.endpoint={s3_plan.endpoint}", "s3.ssl=false"]
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ from image_embeddings.config import (
     PreprocessConfig,
     load_config,
     parse_override,
-    qualify,
 )
 from image_embeddings.images import DEFAULT_EXTENSIONS
 from image_embeddings.report import redact
+from image_embeddings.uri import qualify
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

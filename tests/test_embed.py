@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 
 from image_embeddings.embed import EmbedError, embeddings_with_sales, run_embed
-from image_embeddings.embedder import file_sha256
 from image_embeddings.ingest import run_ingest
 from image_embeddings.sample import encode, photo, write_sales
 from image_embeddings.tables import table_version
+from image_embeddings.weights import file_sha256, resolve_weights
 
 from reference import assert_same_embeddings, make_weights, reference_embeddings
 
@@ -35,7 +36,7 @@ def test_torch_threads_in_a_spark_task_follow_spark_task_cpus(spark: Any) -> Non
         import torch
 
         from image_embeddings.embed import worker_settings
-        from image_embeddings.embedder import cached_embedder
+        from image_embeddings.worker import cached_embedder
 
         for _ in batches:
             default = worker_settings(EmbedderSettings("resnet50", "random:0", device="cpu"))
@@ -107,6 +108,13 @@ def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, ma
     run_ingest(spark, config)
     changed = run_embed(spark, config)
     assert (changed.metrics["embedded"], changed.metrics["removed"]) == (1, 1)
+    # The drift figure: this run's embedding against the model's earlier ones (the first run had none to compare).
+    assert first.metrics["drift"] == {"new_rows": len(NAMES), "reference_rows": 0, "note": "too few rows to compare"}
+    drift = changed.metrics["drift"]
+    assert (drift["new_rows"], drift["reference_rows"]) == (1, len(NAMES))
+    assert -1 <= drift["mean_cosine"] <= 1 and drift["nearest_similarity_reference"] > 0
+    runs = spark.read.format("delta").load(config.output.runs_table).where(f"run_id = '{changed.run_id}'")
+    assert json.loads(runs.first()["report"])["metrics"]["drift"] == drift
     # Only the two images the change data feed names are looked at, not the whole images table.
     assert (changed.metrics["images_sync"], changed.metrics["rows_considered"]) == ("incremental", 1)
     after = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
@@ -160,3 +168,46 @@ def test_a_broken_row_among_good_ones_and_clear_failures(spark: Any, make_config
         run_embed(spark, wrong)
     runs = [r.status for r in spark.read.format("delta").load(config.output.runs_table).collect()]
     assert sorted(runs) == ["failed", "failed", "failed", "succeeded"]
+
+
+def test_run_with_efficientnet_lite0_imagenet_writes_what_an_independent_implementation_computes(
+        spark: Any, make_config: Any, tmp_path: Path) -> None:
+    """`image-embeddings run --set model.name=efficientnet_lite0 --set model.weights=imagenet --set
+    model.precision=fp32`: 1280-d embeddings equal to efficientnet-lite-pytorch's on the stored thumbnails."""
+    import io
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+    from PIL import Image
+
+    from image_embeddings.models import model_spec
+    from image_embeddings.pipeline import run_pipeline
+
+    names = NAMES[:5]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.jpg").write_bytes(encode(photo(name)))
+    write_sales(tmp_path / "sales", list(names))
+    config = make_config(folder, tmp_path / "sales", "model.name=efficientnet_lite0", "model.weights=imagenet",
+                         "model.precision=fp32")
+    combined = run_pipeline(spark, config)
+    assert combined["status"] == "succeeded"
+    m = combined["stages"]["embed"]["metrics"]
+    assert (m["model"], m["embedded"], m["precision"]) == ("efficientnet_lite0", len(names), ["fp32"])
+    spec = model_spec("efficientnet_lite0")
+    weights = resolve_weights("imagenet", spec, str(tmp_path))
+    assert m["weights_checksum"] == weights.checksum
+
+    rows = {r["image_id"]: r for r in _rows(spark, config.output.embeddings_table)}
+    images = {r["image_id"]: r for r in _rows(spark, config.output.images_table)}
+    thumbnails = {r["path"]: r["image"] for r in _rows(spark, config.output.files_table_path)}
+    ours = np.array([rows[n]["embedding"] for n in names], dtype=np.float32)
+    assert ours.shape == (len(names), 1280)
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(thumbnails[images[n]["path"]])).convert("RGB"))
+                       for n in names]).astype(np.float32)
+    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - 127.0) / 128.0  # TF-Lite's input, as the weights'
+    theirs_net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights.path).eval()
+    with torch.inference_mode():
+        theirs = torch.nn.functional.normalize(theirs_net.extract_features(batch).mean((2, 3)), dim=1).numpy()
+    assert_same_embeddings(ours, theirs, 0.99999)

@@ -9,22 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from image_embeddings.embedder import (
-    MODELS,
-    Embedder,
-    EmbedderSettings,
-    S3Access,
-    WeightsError,
-    cached_embedder,
-    file_sha256,
-    is_loaded_or_loading,
-    load_count,
-    model_spec,
-    resolve_weights,
-    warm_up_in_background,
-)
+from image_embeddings.embedder import Embedder, EmbedderSettings
 from image_embeddings.images import downscale
+from image_embeddings.models import MODELS, model_spec
 from image_embeddings.sample import PHOTOS, encode, photo
+from image_embeddings.weights import S3Access, WeightsError, file_sha256, resolve_weights
+from image_embeddings.worker import cached_embedder, is_loaded_or_loading, load_count, warm_up_in_background
 
 from reference import assert_same_embeddings, make_weights, reference_embeddings
 
@@ -49,7 +39,8 @@ def thumbs() -> list[bytes]:
 
 def test_registry_has_resnet50_and_a_second_backbone_is_one_entry() -> None:
     assert (model_spec("resnet50").dim, model_spec("vit_b_16").dim) == (2048, 768)
-    with pytest.raises(ValueError, match="unknown model 'resnet18'; registered: resnet50, vit_b_16"):
+    registered = "efficientnet_lite0, resnet50, vit_b_16"
+    with pytest.raises(ValueError, match=f"unknown model 'resnet18'; registered: {registered}"):
         model_spec("resnet18")
     vit = Embedder(EmbedderSettings("vit_b_16", "random:0", device="cpu", precision="fp32"))
     result = vit.embed([downscale(encode(photo("astronaut"))).image])
@@ -104,7 +95,7 @@ def test_a_broken_row_among_good_ones(weights: Path, thumbs: list[bytes]) -> Non
     result = embedder.embed([thumbs[0], b"junk", None, wrong_size, thumbs[1]])
     assert result.errors[0] is None and result.errors[4] is None
     assert result.errors[1].startswith("decode_error: ")
-    assert result.errors[2] == "empty: no image bytes"
+    assert result.errors[2] == "empty: no bytes"
     assert result.errors[3] == "wrong_size: 600x400, resnet50 expects 224x224"
     assert np.isnan(result.embeddings[1:4]).all()
     alone = embedder.embed([thumbs[0], thumbs[1]]).embeddings
@@ -157,7 +148,8 @@ def test_weights_files_in_other_forms_load_as_the_same_float32_model(weights: Pa
 def test_batch_norms_are_folded_without_changing_outputs() -> None:
     import torch
 
-    from image_embeddings.embedder import fuse_conv_bn, load_model, resolve_weights
+    from image_embeddings.speedups import fuse_conv_bn
+    from image_embeddings.weights import load_model, resolve_weights
 
     spec = MODELS["resnet50"]
     net = load_model(spec, resolve_weights("random:3", spec, "unused"))
@@ -249,7 +241,8 @@ def test_a_loaded_model_is_left_out_of_later_garbage_collections(weights: Path) 
 
     script = """
 import gc, json, sys
-from image_embeddings.embedder import EmbedderSettings, cached_embedder
+from image_embeddings.embedder import EmbedderSettings
+from image_embeddings.worker import cached_embedder
 before = gc.get_freeze_count()
 import torch
 tracked_with_torch = len(gc.get_objects())
@@ -277,7 +270,7 @@ def test_our_resnet50_is_torchvision_resnet50() -> None:
     import torch
     import torchvision
 
-    from image_embeddings.resnet import resnet50
+    from image_embeddings.models.resnet import resnet50
 
     torch.manual_seed(11)
     ours = resnet50().eval()
@@ -299,8 +292,10 @@ def test_our_resnet50_is_torchvision_resnet50() -> None:
 def test_imagenet_weights_are_torchvision_defaults() -> None:
     from torchvision.models import get_model_weights
 
-    for name, spec in MODELS.items():
-        assert spec.imagenet_url == get_model_weights(name).DEFAULT.url, name
+    torchvision_models = [spec for spec in MODELS.values() if not spec.imagenet.startswith("package:")]
+    assert [spec.name for spec in torchvision_models] == ["resnet50", "vit_b_16"]
+    for spec in torchvision_models:
+        assert spec.imagenet == get_model_weights(spec.name).DEFAULT.url, spec.name
 
 
 def test_warm_up_in_background_loads_once_and_the_next_request_gets_that_model() -> None:

@@ -127,13 +127,37 @@ def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     out, n = done.stdout, 4 * len(PHOTOS)
     assert f"wrote {n} sample photos" in out
-    assert "model.weights=imagenet cannot be had here (no network?): running with random:0" in out
+    assert "resnet50 (model.weights=imagenet) is left out: its weights cannot be had here" in out
+    assert "not meaningful" not in out and "random" not in out
     assert f"files {n} (new {n}, unchanged 0), decoded {n}, errors none" in out
+    assert "stage 2, embed with efficientnet_lite0, weights imagenet (sha256:57934424" in out
     assert f"embedded {n}, skipped 0" in out
-    assert "nearest neighbours (cosine), with random weights: not meaningful" in out
-    for query in ("astronaut", "coffee", "chelsea"):
-        line = next(line for line in out.splitlines() if line.startswith(f"  {query}: "))
-        assert line.count(",") == 4, line
+    for query in ("astronaut", "coffee", "chelsea"):  # trained weights: each photo's three copies come first
+        line = next(line for line in out.splitlines() if line.startswith(f"    {query}: "))
+        found = [part.split()[0] for part in line.split(": ", 1)[1].split(", ")]
+        assert len(found) == 5 and set(found[:3]) == {f"{query}_flip", f"{query}_crop", f"{query}_bright"}, line
+    assert f"copies are its 3 nearest neighbours for {len(PHOTOS)} of {len(PHOTOS)} photos" in out
+    picture = tmp_path / "neighbours-efficientnet_lite0.png"
+    assert f"picture: {picture}" in out
+    from PIL import Image
+
+    with Image.open(picture) as im:
+        assert im.format == "PNG" and im.height > len(PHOTOS) * 112 and im.width > 6 * 112
+
+    # `image-embeddings evaluate` on the demo's table: recall figures, printed and written as JSON.
+    report = tmp_path / "evaluate.json"
+    evaluated = subprocess.run([sys.executable, "-m", "image_embeddings", "evaluate", "--config",
+                                str(REPO / "conf" / "local.yaml"), *[a for s in sets for a in ("--set", s)],
+                                "--set", "model.name=efficientnet_lite0", "--set", "model.weights=imagenet",
+                                "--report", str(report), "--log-level", "WARNING"],
+                               capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "recall@1 " in evaluated.stdout and f"written to {report}" in evaluated.stdout
+    figures = json.loads(report.read_text())
+    assert figures["sample"] == n and figures["statistics"]["rows"] == n and figures["statistics"]["dim"] == 1280
+    # Each stored photo has three near-copies in the demo's sample, so its augmented copy may find one of those
+    # first; within five it finds its own original.
+    assert figures["recall_at_5"] == 1.0 and figures["recall_at_1"] >= 0.25 and figures["gap"] > 0.5
     # A fresh process, as `make demo` runs: stage 1's Python workers loaded the model for stage 2 in the background.
     embed = json.loads((tmp_path / "delta" / "report.json").read_text())["stages"]["embed"]["metrics"]
     assert embed["workers_warmed_up"] >= 1 and embed["model_loads"] == embed["python_workers"]

@@ -160,7 +160,7 @@ def _plan_inputs(spark: Any) -> tuple[Any, Any]:
         (d + "big_now_ok.jpg", "big_now_ok", 100, T1, "too_large: 100 bytes > input.max_file_bytes 50", "p1"),
         (d + "big_still.jpg", "big_still", 101, T1, "too_large: 101 bytes > input.max_file_bytes 50", "p1"),
         (d + "broken.jpg", "broken", 10, T1, "decode: not an image", "p1"),
-        (d + "empty.jpg", "empty", 0, None, "empty: zero-byte file", "p1"),
+        (d + "empty.jpg", "empty", 0, None, "empty: no bytes", "p1"),
         (d + "gone.jpg", "gone", 10, T1, None, "p1"),
         (d + "sub/gone_too.jpg", "gone_too", 10, T1, "unreadable: x", "p1"),
         ("file:/data/img2/a.jpg", "sibling", 10, T1, None, "p1"),
@@ -408,3 +408,17 @@ def test_local_frame_keeps_values_types_and_instants(spark) -> None:  # type: ig
     assert rows[1]["at"] is None and rows[1]["seconds"] is None and rows[0]["seconds"] == 1.5
     # The same instant: 03:40:01.25 UTC (the session's time zone is UTC).
     assert df.where("path = 'a b[1].jpg'").selectExpr("cast(at as string)").first()[0] == "2026-11-23 03:40:01.25"
+
+
+def test_tests_on_tiny_frames_need_no_s3_server(tmp_path: Path) -> None:
+    """Spark tests without S3 set up no MinIO: one run alone in a fresh pytest starts Spark and no S3 server."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--setup-show", "-p", "no:cacheprovider",
+                           f"{Path(__file__)}::test_with_image_id_default_pattern_takes_the_stem", "--basetemp",
+                           str(tmp_path / "t")], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "SETUP    S spark" in done.stdout and "1 passed" in done.stdout
+    assert "s3_server" not in done.stdout and not list((tmp_path / "t").glob("minio*"))

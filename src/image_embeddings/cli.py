@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--id", dest="image_id", help="the image_id of an embedded image to search with")
     similar.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
     similar.add_argument("--json", action="store_true", help="print the neighbours as JSON")
+    evaluate = sub.add_parser("evaluate", help="embedding quality without labels: augmented copies of a sample of "
+                                               "stored images found again (recall@1, @5), null and norm statistics")
+    _add_common(evaluate)
+    evaluate.add_argument("--sample", type=int, default=200, help="stored images to evaluate with (default 200)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     check = sub.add_parser("check-config", help="validate a config file and print it")
     _add_common(check)
     maintain = sub.add_parser("maintain", help="OPTIMIZE and VACUUM the Delta tables (retention from config)")
@@ -88,6 +94,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.embedder import WeightsError
     from image_embeddings.ingest import IngestError, run_ingest
     from image_embeddings.pipeline import run_pipeline
+    from image_embeddings.quality import EvaluateError
     from image_embeddings.similar import SimilarError
     from image_embeddings.spark import get_spark
     from image_embeddings.tables import ConcurrentWriteError, IncompatibleTableError
@@ -97,6 +104,8 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     try:
         if args.command == "similar":
             return _similar(spark, config, args)
+        if args.command == "evaluate":
+            return _evaluate(spark, config, args)
         if args.command == "run":
             combined = run_pipeline(spark, config, run_id=args.run_id, report_file=args.report,
                                     run_date=args.run_date)
@@ -104,7 +113,8 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         stage = {"ingest": run_ingest, "embed": run_embed}[args.command]
         report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
         return 0 if report.status == "succeeded" else 1
-    except (IngestError, EmbedError, WeightsError, SimilarError, IncompatibleTableError, ConcurrentWriteError) as exc:
+    except (IngestError, EmbedError, WeightsError, SimilarError, EvaluateError, IncompatibleTableError,
+            ConcurrentWriteError) as exc:
         log.error("%s failed: %s", args.command, exc)
         return 1
 
@@ -132,20 +142,36 @@ def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
-def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
+def _evaluate(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
     import json
-    import re
     from pathlib import Path
 
+    from image_embeddings.quality import evaluate, summary_lines
+
+    result = evaluate(spark, config, sample=args.sample, seed=args.seed)  # type: ignore[arg-type]
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text if args.json else "\n".join(summary_lines(result)))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text + "\n")
+        if not args.json:
+            print(f"written to {args.report}")
+    return 0
+
+
+def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
+    import json
+
     from image_embeddings.similar import similar
+    from image_embeddings.uri import is_local, local_path
 
     image = None
     if args.image is not None:
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", args.image):
+        if is_local(args.image):
+            image = local_path(args.image).read_bytes()
+        else:
             row = spark.read.format("binaryFile").load(args.image).select("content").first()  # type: ignore[attr-defined]
             image = bytes(row[0]) if row is not None else b""
-        else:
-            image = Path(args.image).read_bytes()
     found = similar(spark, config, k=args.k, image_id=args.image_id, image=image)  # type: ignore[arg-type]
     if args.json:
         print(json.dumps([{"image_id": n.image_id, "score": round(n.score, 6)} for n in found], indent=2))

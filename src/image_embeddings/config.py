@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from image_embeddings.images import DEFAULT_EXTENSIONS, MODES
+from image_embeddings.uri import location_problem
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,7 @@ class SparkConfig:
     app_name: str = "image-embeddings"
     master: str | None = None
     packages: tuple[str, ...] = ()
-    # Resolved only when the config reaches S3 (an s3://, s3a:// or s3n:// location, or s3.endpoint; see
+    # Resolved only when the config reaches S3 (an s3:// or s3a:// location, or s3.endpoint; see
     # spark.reaches_s3): hadoop-aws and its 560 MB AWS SDK bundle would otherwise be searched by every class lookup.
     s3_packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
@@ -400,7 +401,8 @@ def _check(config: AppConfig) -> None:
 
 
 def _check_model(model: ModelConfig) -> None:
-    from image_embeddings.embedder import MODELS, is_weights_spec
+    from image_embeddings.models import MODELS
+    from image_embeddings.weights import is_weights_spec
 
     if model.name not in MODELS:
         raise ConfigError(f"model.name: unknown model {model.name!r} (registered: {', '.join(sorted(MODELS))})")
@@ -415,26 +417,10 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError("model.partitions: must be positive")
 
 
-_SCHEMES = ("file", "s3", "s3a", "dbfs", "hdfs", "abfss", "gs", "wasbs")
-
-
 def _check_location(key: str, value: str) -> None:
-    if not value.strip():
-        raise ConfigError(f"{key}: must not be empty")
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
-    if match and match.group(1).lower() in ("s3", "s3a") and "@" in value[match.end():].split("/")[0]:
-        raise ConfigError(f"{key}: credentials must not be embedded in the URI")
-    if match and match.group(1).lower() not in _SCHEMES:
-        raise ConfigError(f"{key}: unsupported scheme {match.group(1)!r} (use one of {', '.join(_SCHEMES)})")
-
-
-def qualify(location: str) -> str:
-    """Return a location as Spark reports it: local paths become absolute ``file:/...``."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location) and not location.startswith("file:"):
-        return location.rstrip("/")
-    local = location[len("file:"):] if location.startswith("file:") else location
-    local = re.sub(r"^/+", "/", local)
-    return "file:" + str(Path(local).expanduser().resolve())
+    problem = location_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def as_dict(config: AppConfig) -> dict[str, Any]:

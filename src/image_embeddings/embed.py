@@ -13,7 +13,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
-from image_embeddings.embedder import EmbedderSettings, S3Access, Weights, model_spec, resolve_weights
+from image_embeddings.embedder import EmbedderSettings
+from image_embeddings.models import model_spec
+from image_embeddings.quality import run_drift
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, session_conf
 from image_embeddings.tables import (
@@ -27,6 +29,7 @@ from image_embeddings.tables import (
     table_version,
     with_commit_retries,
 )
+from image_embeddings.weights import S3Access, Weights, resolve_weights
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -79,8 +82,7 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
     def _embed(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         import os
 
-        from image_embeddings.embedder import cached_embedder, is_loaded_or_loading, load_count
-        from image_embeddings.worker import prepare_worker
+        from image_embeddings.worker import cached_embedder, is_loaded_or_loading, load_count, prepare_worker
 
         prepare_worker()
         own = worker_settings(settings)
@@ -136,8 +138,7 @@ def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
     import pandas as pd
 
     def start(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from image_embeddings.embedder import warm_up_in_background
-        from image_embeddings.worker import prepare_worker
+        from image_embeddings.worker import prepare_worker, warm_up_in_background
 
         prepare_worker()
         for _ in batches:
@@ -332,6 +333,9 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             m["errors"] = errors_by_reason(result)
             m["device"] = sorted({d for r in workers for d in r["devices"] if d})
             m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
+            if m["embedded"]:
+                with report.step("drift"):
+                    m["drift"] = run_drift(result, existing, key)
             n_stale = stale.count() if stale is not None else 0
             m["skipped"] = m["rows_considered"] - int(stats["rows"])
             m["removed"] = n_stale

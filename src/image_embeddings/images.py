@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, JpegImagePlugin
 
+from image_embeddings.errors import EMPTY, error, error_reason
+
 MODES = ("center_crop", "squash")
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Raster formats Pillow decodes by itself; others (EPS through Ghostscript, for one) are refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
-_MAX_ERROR_CHARS = 300
 _WHITE = (255, 255, 255)
 
 # Same table as PIL.ImageOps.exif_transpose; orientations 5-8 swap width and height.
@@ -51,11 +52,6 @@ class _ImageError(Exception):
         self.detail = detail
 
 
-def error_reason(error: str | None) -> str | None:
-    """Return the reason prefix of an error string ('too_large: ...' -> 'too_large')."""
-    if error is None:
-        return None
-    return error.partition(":")[0].strip()
 
 
 def downscale(
@@ -69,7 +65,7 @@ def downscale(
     """Decode image bytes and return a size x size RGB JPEG, or an error; never raises."""
     _check_arguments(size, mode, quality, max_pixels, crop_fraction)
     if content is None or len(content) == 0:
-        return DownscaleResult(None, None, None, "empty: no bytes")
+        return DownscaleResult(None, None, None, EMPTY)
     width: int | None = None
     height: int | None = None
     try:
@@ -106,10 +102,10 @@ def downscale(
                 small.save(out, format="JPEG", quality=quality)
         return DownscaleResult(out.getvalue(), width, height, None)
     except _ImageError as exc:
-        return DownscaleResult(None, width, height, _format_error(exc.reason, exc.detail))
+        return DownscaleResult(None, width, height, error(exc.reason, exc.detail))
     except Exception as exc:  # the contract is "never raises" for any input bytes (MemoryError included)
         reason = _classify(exc, content)
-        return DownscaleResult(None, width, height, _format_error(reason, _describe(exc)))
+        return DownscaleResult(None, width, height, error(reason, _describe(exc)))
 
 
 def _check_arguments(size: int, mode: str, quality: int, max_pixels: int, crop_fraction: float) -> None:
@@ -249,13 +245,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _format_error(reason: str, detail: str) -> str:
-    """Build a single-line '<reason>: <detail>' string of bounded length."""
-    flat = " ".join(detail.split())
-    message = f"{reason}: {flat}"
-    if len(message) > _MAX_ERROR_CHARS:
-        message = message[: _MAX_ERROR_CHARS - 3] + "..."
-    return message
 
 
 __all__ = ["DEFAULT_EXTENSIONS", "MODES", "DownscaleResult", "downscale", "error_reason"]

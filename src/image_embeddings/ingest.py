@@ -18,9 +18,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from image_embeddings.config import AppConfig, PreprocessConfig, qualify
+from image_embeddings.config import AppConfig, PreprocessConfig
 from image_embeddings.embed import warm_up_workers
 from image_embeddings.embedder import EmbedderSettings
+from image_embeddings.errors import EMPTY, NO_IMAGE_ID, UNREADABLE, reason_column
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
@@ -36,6 +37,7 @@ from image_embeddings.tables import (
     table_version,
     with_commit_retries,
 )
+from image_embeddings.uri import qualify
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -49,9 +51,6 @@ FILE_COLUMNS = ("path", "image_id", "file_size", "modification_time", "sha256", 
 NARROW_FILE_COLUMNS = tuple(c for c in FILE_COLUMNS if c != "image")
 IMAGE_COLUMNS = ("image_id", "path", "file_size", "modification_time", "sha256", "width", "height",
                  "error", "preprocess_id", "run_id", "ingested_at", "duplicate_files")
-UNREADABLE = "unreadable: the file vanished or changed while the run read it"
-EMPTY_FILE = "empty: zero-byte file"
-NO_IMAGE_ID = "no_image_id: the file name does not match input.image_id_pattern"
 
 
 class IngestError(RuntimeError):
@@ -190,7 +189,7 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
         F.col("modification_time").alias("_old_mtime"), F.col("error").alias("_old_error"),
         F.col("preprocess_id").alias("_old_preprocess"), F.col("image_id").alias("_old_image_id"))
     joined = listed.join(known, "path", "full_outer")
-    old_reason = F.substring_index(F.col("_old_error"), ":", 1)
+    old_reason = reason_column(F.col("_old_error"))
     in_scope = F.col("path").startswith(scope.rstrip("/") + "/")
     status = (
         F.when(F.col("_listed").isNull(),
@@ -414,7 +413,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             sales_checked.result()
         ingested_at = utcnow()
         not_read = todo.where(~readable).withColumn("_error", F.when(
-            F.col("file_size") == 0, F.lit(EMPTY_FILE)).otherwise(too_large_error(inp.max_file_bytes)))
+            F.col("file_size") == 0, F.lit(EMPTY)).otherwise(too_large_error(inp.max_file_bytes)))
         processed = error_rows(not_read, F.col("_error"), pre.preprocess_id, report.run_id, ingested_at)
         decoded = None
         if n_to_read:
@@ -465,7 +464,7 @@ def _summarize(processed: DataFrame) -> dict[str, Any]:
     """Rows, files read, bytes read and errors by reason of files-table rows, in one Spark job."""
     from pyspark.sql import functions as F
 
-    rows = processed.groupBy(F.substring_index(F.col("error"), ":", 1).alias("reason")).agg(
+    rows = processed.groupBy(reason_column(F.col("error")).alias("reason")).agg(
         F.count(F.lit(1)).alias("rows"), F.count("sha256").alias("read"),
         F.sum(F.when(F.col("sha256").isNotNull(), F.col("file_size"))).alias("bytes")).collect()
     return {
@@ -536,7 +535,7 @@ def error_changes(changes: DataFrame) -> Counter[str]:
 
     sign = F.when(F.col("_change_type").isin("insert", "update_postimage"), 1).otherwise(-1)
     rows = (changes.where(F.col("error").isNotNull())
-            .groupBy(F.substring_index(F.col("error"), ":", 1).alias("reason")).agg(F.sum(sign).alias("n")).collect())
+            .groupBy(reason_column(F.col("error")).alias("reason")).agg(F.sum(sign).alias("n")).collect())
     return Counter({r["reason"]: int(r["n"]) for r in rows})
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from image_embeddings.errors import reason_column
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
@@ -109,7 +111,7 @@ def errors_by_reason(df: DataFrame) -> dict[str, int]:
     from pyspark.sql import functions as F
 
     rows = df.where(F.col("error").isNotNull()).groupBy(
-        F.substring_index(F.col("error"), ":", 1).alias("reason")).count().collect()
+        reason_column(F.col("error")).alias("reason")).count().collect()
     return {r["reason"]: int(r["count"]) for r in sorted(rows, key=lambda r: r["reason"])}
 
 

@@ -105,7 +105,7 @@ def trained_like_weights(path: str | Path, model: str = "resnet50", seed: int = 
     import torch
     import torchvision
 
-    from image_embeddings.embedder import IMAGENET_MEAN, IMAGENET_STD
+    from image_embeddings.models import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(seed)
     net = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}[model]()

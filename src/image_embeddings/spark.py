@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
+from image_embeddings.uri import is_s3
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -56,7 +57,7 @@ def reaches_s3(config: AppConfig) -> bool:
     out = config.output
     locations = (config.input.images, config.input.sales, out.images_table, out.embeddings_table, out.runs_table,
                  out.files_table_path)
-    return bool(config.s3.endpoint) or any(loc.lower().startswith(("s3://", "s3a://", "s3n://")) for loc in locations)
+    return bool(config.s3.endpoint) or any(is_s3(loc) for loc in locations)
 
 
 def runtime_settings(config: AppConfig) -> dict[str, str]:

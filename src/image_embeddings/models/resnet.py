@@ -23,6 +23,7 @@ class Bottleneck(nn.Module):
     """1x1, 3x3 (strided), 1x1 convolutions with BatchNorm, and the residual connection."""
 
     expansion = 4
+    conv_bn = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # each BatchNorm takes that output directly
 
     def __init__(self, inputs: int, width: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
@@ -46,6 +47,8 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """The stem, four stages of bottleneck blocks, global average pooling and the 1000-class head ``fc``."""
+
+    conv_bn = (("conv1", "bn1"),)
 
     def __init__(self, blocks: tuple[int, int, int, int] = (3, 4, 6, 3), classes: int = 1000) -> None:
         super().__init__()
@@ -88,3 +91,12 @@ class ResNet(nn.Module):
 def resnet50() -> ResNet:
     """A randomly initialized ResNet-50, as ``torchvision.models.resnet50(weights=None)``."""
     return ResNet((3, 4, 6, 3))
+
+
+build = resnet50
+
+
+def headless(model: ResNet) -> ResNet:
+    """Replace the head ``fc`` with the identity: the output is the 2048-d pooled features."""
+    model.fc = nn.Identity()  # type: ignore[assignment]
+    return model
