@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sample", type=int, default=200, help="stored images to evaluate with (default 200)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    status = sub.add_parser("status", help="the last runs, each table's version and rows, embeddings per model, "
+                                           "the newest failure")
+    _add_common(status)
+    status.add_argument("--runs", type=int, default=10, help="how many of the last runs to show (default 10)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     check = sub.add_parser("check-config", help="validate a config file and print it")
     _add_common(check)
     maintain = sub.add_parser("maintain", help="OPTIMIZE and VACUUM the Delta tables (retention from config)")
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # maintain and check-config read no input: a {run_date} placeholder needs no --run-date there.
         config = load_config(args.config, args.overrides, run_date=args.run_date,
-                             needs_input=args.command not in ("maintain", "check-config"))
+                             needs_input=args.command not in ("maintain", "check-config", "status"))
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
@@ -85,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "maintain":
         return _maintain(args, config)
+    if args.command == "status":
+        return _status(args, config)
     return _run_command(args, config)
 
 
@@ -139,6 +146,19 @@ def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
         return 1
     for name, entry in report.metrics["tables"].items():
         print(table_line(name, entry))
+    return 0
+
+
+def _status(args: argparse.Namespace, config: AppConfig) -> int:
+    """Read the tables; needs neither the stages' modules nor torch."""
+    import json
+
+    from image_embeddings.spark import get_spark
+    from image_embeddings.status import collect_status, status_lines
+
+    spark = get_spark(config, stage="status")
+    status = collect_status(spark, config, runs=args.runs)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
     return 0
 
 

@@ -86,8 +86,9 @@ class RunReport:
     def summary(self) -> str:
         """Return the one-line summary that is logged."""
         flat = " ".join(f"{k}={_short(v)}" for k, v in sorted(redact(self.metrics).items()))
+        error = f" error={json.dumps(self.error)}" if self.error else ""
         return (f"run_id={self.run_id} stage={self.stage} status={self.status} "
-                f"duration_s={self.duration_s} {flat}").strip()
+                f"duration_s={self.duration_s}{error} {flat}").strip()
 
 
 def _short(value: Any) -> str:
