@@ -104,3 +104,13 @@ def make_config(base_overrides: list[str], tmp_path: Path):  # type: ignore[no-u
             f"output.runs_table={where}/runs", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}", *overrides])
 
     return build
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Keep pytest's summary the last line: triton (which torch imports for some paths) prints hundreds of
+    nanobind "leaked ..." lines to stderr at interpreter exit. Only those come after this point."""
+    import sys
+
+    if "triton" in sys.modules:
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
