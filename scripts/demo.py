@@ -46,7 +46,8 @@ def main() -> int:
         except WeightsError as exc:
             print(f"{configured.model.name} (model.weights={configured.model.weights}) is left out: its weights "
                   f"cannot be had here ({str(exc).split(' (')[0]})")
-    spark = get_spark(lite, stage="embed")
+    jvm_log = Path(lite.output.images_table).parent.parent / "spark.log"
+    spark = get_spark(lite, stage="embed", jvm_log=str(jvm_log))
     report_file = Path(lite.output.runs_table).parent / "report.json"
     combined = run_pipeline(spark, lite, report_file=str(report_file))
     ingest, embed = combined["stages"]["ingest"], combined["stages"]["embed"]
@@ -58,7 +59,7 @@ def main() -> int:
           f"{mi['images_without_sales']}, sales rows without images {mi['sales_without_images']}")
     print(f"  {ingest['duration_s']:.1f} s, {mi['images_per_second']} images/s decoded")
     reports = [embed] + [run_embed(spark, extra).to_dict() for extra in models[1:]]
-    print(f"tables under {Path(lite.output.images_table).parent}, report {report_file}")
+    print(f"tables under {Path(lite.output.images_table).parent}, report {report_file}, Spark's output {jvm_log}")
     for config, report in zip(models, reports, strict=True):
         _show(spark, config, report)
     spark.stop()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from image_embeddings.embed import run_embed
+from image_embeddings.errors import failure_line
 from image_embeddings.ingest import FILE_COLUMNS, run_ingest
 from image_embeddings.pipeline import run_pipeline
 from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
@@ -202,6 +203,8 @@ def test_object_store_outage_and_a_transient_stall(spark: Any, make_config: Any,
     stopper.join(timeout=60)
     assert any(word in str(failure.value) for word in ("Connect", "connect", "refused", "Unable to execute")), (
         str(failure.value)[:2000])
+    # What an operator reads: the cause in one line, in the command's last line and in the run's report.
+    assert failure_line(failure.value) == f"cannot reach the object store at 127.0.0.1:{port}: connection refused"
 
     server = s3server.start(tmp_path / "minio" / "data", port=port, access_key=s3_server.access_key,
                             secret_key=s3_server.secret_key)

@@ -127,6 +127,12 @@ def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     out, n = done.stdout, 4 * len(PHOTOS)
     assert f"wrote {n} sample photos" in out
+    # A quiet console: Spark's and the JVM's own output goes to a file the demo names.
+    noise = ("Ivy Default Cache", ":: resolution report", "WARNING: Using incubator modules", "NativeCodeLoader",
+             "SparkStringUtils", "log4j", "WARN ")
+    assert not [line for line in (out + done.stderr).splitlines() if any(n in line for n in noise)]
+    assert f"Spark's output {tmp_path / 'spark.log'}" in out
+    assert "Ivy Default Cache" in (tmp_path / "spark.log").read_text()
     assert "resnet50 (model.weights=imagenet) is left out: its weights cannot be had here" in out
     assert "not meaningful" not in out and "random" not in out
     assert f"files {n} (new {n}, unchanged 0), decoded {n}, errors none" in out

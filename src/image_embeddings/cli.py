@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from image_embeddings.config import AppConfig, ConfigError, load_config
 
@@ -60,19 +61,49 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-date", default=None, metavar="YYYY-MM-DD",
                         help="fills {run_date} in input.images / input.sales and is recorded in the report")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything on the console: Spark's and the JVM's output, stack traces")
+    parser.add_argument("--log-file", default=None,
+                        help="where Spark's output and stack traces go when not --verbose "
+                             "(default: $IMAGE_EMBEDDINGS_LOG_DIR or ~/.cache/image-embeddings/logs, one file a run)")
 
 
-def configure_logging(level: str) -> None:
-    """Configure stdlib logging once, for the command line and spark-submit entry points."""
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str, log_file: str | None = None) -> None:
+    """Configure stdlib logging once, for the command line and spark-submit entry points: ``level`` and up on
+    the console; with ``log_file``, everything (stack traces included) in that file as well."""
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr, format=_FORMAT)
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, delay=True)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        root = logging.getLogger()
+        for console in root.handlers:
+            console.setLevel(getattr(logging, level))
+            console.addFilter(lambda record: not getattr(record, "file_only", False))
+        root.addHandler(handler)
+        root.setLevel(min(getattr(logging, level), logging.INFO))
+
+
+def default_log_file(command: str) -> str:
+    """A new log file for one command's run."""
+    import datetime as dt
+    import os
+
+    folder = os.environ.get("IMAGE_EMBEDDINGS_LOG_DIR") or str(Path("~/.cache/image-embeddings/logs").expanduser())
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return str(Path(folder) / f"{command}-{stamp}-{os.getpid()}.log")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``image-embeddings`` console script."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    args.log_file = None if args.verbose else (args.log_file or default_log_file(args.command))
+    configure_logging(args.log_level, args.log_file)
     try:
         # maintain and check-config read no input: a {run_date} placeholder needs no --run-date there.
         config = load_config(args.config, args.overrides, run_date=args.run_date,
@@ -107,7 +138,8 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.tables import ConcurrentWriteError, IncompatibleTableError
 
     log.info("image-embeddings %s (%s) %s", image_embeddings.__version__, image_embeddings.__file__, args.command)
-    spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command)
+    spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command,
+                      jvm_log=args.log_file)
     try:
         if args.command == "similar":
             return _similar(spark, config, args)
@@ -122,8 +154,28 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         return 0 if report.status == "succeeded" else 1
     except (IngestError, EmbedError, WeightsError, SimilarError, EvaluateError, IncompatibleTableError,
             ConcurrentWriteError) as exc:
-        log.error("%s failed: %s", args.command, exc)
-        return 1
+        return _failed(args, config, exc, writes=args.command in ("ingest", "embed", "run"))
+    except Exception as exc:  # Spark, the JVM, the object store: the cause in one line, the trace in the log file
+        return _failed(args, config, exc, writes=args.command in ("ingest", "embed", "run"))
+
+
+def _failed(args: argparse.Namespace, config: AppConfig, exc: BaseException, writes: bool) -> int:
+    """One line on the console: the command, the cause, what is untouched, where the report and details are."""
+    from image_embeddings.errors import failure_line
+
+    parts = [f"{args.command} failed: {failure_line(exc)}"]
+    if writes:
+        report = f"{args.report} and " if args.report else ""
+        parts.append(f"tables of the failed stage are at their previous versions; report in {report}the runs "
+                     f"table {config.output.runs_table}")
+    if args.log_file:
+        parts.append(f"details in {args.log_file}")
+    if args.verbose:
+        log.error("; ".join(parts), exc_info=exc)
+    else:  # the whole trace in the log file only
+        log.error("%s failed", args.command, exc_info=exc, extra={"file_only": True})
+        log.error("; ".join(parts))
+    return 1
 
 
 def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
@@ -134,7 +186,7 @@ def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.tables import ConcurrentWriteError
 
     log.info("image-embeddings %s (%s) maintain", image_embeddings.__version__, image_embeddings.__file__)
-    spark = get_spark(config, stage="maintain")
+    spark = get_spark(config, stage="maintain", jvm_log=args.log_file)
     try:
         report = run_maintain(spark, config, allow_short_retention=args.allow_short_retention,
                               run_id=args.run_id, report_file=args.report, run_date=args.run_date)
@@ -156,7 +208,7 @@ def _status(args: argparse.Namespace, config: AppConfig) -> int:
     from image_embeddings.spark import get_spark
     from image_embeddings.status import collect_status, status_lines
 
-    spark = get_spark(config, stage="status")
+    spark = get_spark(config, stage="status", jvm_log=args.log_file)
     status = collect_status(spark, config, runs=args.runs)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
     return 0

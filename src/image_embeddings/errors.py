@@ -57,3 +57,57 @@ def reason_column(column: Any) -> Any:
     from pyspark.sql import functions as F
 
     return F.trim(F.substring_index(column, ":", 1))
+
+
+_JVM_PREFIX = re.compile(r"^(?:[a-z_][\w$]*\.)+(?=[A-Z])")  # org.apache.spark.SparkException -> SparkException
+_CONNECT = re.compile(r"(?i)connect(?:ion)? to \[?([\w.\-]+(?::\d+)?)|https?://([\w.\-]+:\d+)")
+
+
+def _chain(exc: BaseException) -> list[str]:
+    """Messages from the outermost exception to the root cause, Java causes included (first lines only)."""
+    messages: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        java = getattr(current, "java_exception", None)
+        if java is not None:
+            messages += _java_chain(java)
+        else:
+            text = str(current).strip().splitlines()
+            messages.append(f"{type(current).__name__}: {text[0] if text else ''}".rstrip(": "))
+        current = current.__cause__ or current.__context__
+    return messages
+
+
+def _java_chain(throwable: Any) -> list[str]:
+    messages = []
+    try:
+        for _ in range(50):
+            name = str(throwable.getClass().getSimpleName())
+            text = str(throwable.getMessage() or "").strip().splitlines()
+            messages.append(f"{name}: {text[0] if text else ''}".rstrip(": "))
+            cause = throwable.getCause()
+            if cause is None or cause.equals(throwable):
+                break
+            throwable = cause
+    except Exception:  # the JVM is gone: what was read so far
+        pass
+    return messages
+
+
+def failure_line(exc: BaseException) -> str:
+    """The cause of a failure in one line for an operator: the root exception's first line without the JVM's
+    class-name wrapping, or, when the object store (or any endpoint) refused connections, that in words."""
+    if type(exc).__module__.startswith("image_embeddings."):  # the package's own errors say what to do already
+        return " ".join(str(exc).split())[:MAX_CHARS * 2]
+    chain = [_JVM_PREFIX.sub("", m) for m in _chain(exc)]
+    everything = " ".join(chain)
+    if re.search(r"(?i)connection refused|ConnectException", everything):
+        where = next((m.group(1) or m.group(2) for m in _CONNECT.finditer(everything)), None)
+        store = "the object store" if re.search(r"(?i)s3|amazonaws|bucket", everything) else "the service"
+        return f"cannot reach {store}{f' at {where}' if where else ''}: connection refused"
+    root = chain[-1] if chain else type(exc).__name__
+    if root.split(":")[0] in {"Py4JJavaError", "SparkException"} and len(chain) > 1:
+        root = chain[-2]
+    return " ".join(root.split())[:MAX_CHARS * 2]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from image_embeddings.errors import reason_column
+from image_embeddings.errors import failure_line, reason_column
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -59,7 +59,7 @@ class RunReport:
         self.finished_at = utcnow()
         self.duration_s = round((self.finished_at - self.started_at).total_seconds(), 3)
         if error is not None:
-            self.error = f"{type(error).__name__}: {error}"[:4000]
+            self.error = failure_line(error)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

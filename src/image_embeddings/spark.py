@@ -114,12 +114,44 @@ def local_frame(spark: SparkSession, rows: list[tuple[Any, ...]], schema: str) -
                                  schema)
 
 
-def get_spark(config: AppConfig, stage: str | None = None) -> SparkSession:
-    """Return the active SparkSession (notebook, Databricks, spark-submit) or create one from config."""
+@contextlib.contextmanager
+def _console_to(path: str | None) -> Iterator[None]:
+    """Point this process's stdout and stderr at ``path`` while the block runs: a JVM launched inside keeps
+    them for its life (Ivy's report, JVM and Spark warnings, stack traces of failed tasks, its Python workers'
+    stderr), while this process gets its own console back."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+
+
+def get_spark(config: AppConfig, stage: str | None = None, jvm_log: str | None = None) -> SparkSession:
+    """Return the active SparkSession (notebook, Databricks, spark-submit) or create one from config.
+
+    With ``jvm_log``, a JVM this call launches writes its console output to that file instead of the terminal
+    (the command line's quiet default). Sessions that already exist keep their own logging.
+    """
     from pyspark.sql import SparkSession
 
     spark = SparkSession.getActiveSession()
     if spark is None:
+        launching = "PYSPARK_GATEWAY_PORT" not in os.environ  # spark-submit and notebooks started the JVM already
+        quiet = jvm_log if launching else None
         builder = SparkSession.builder.appName(config.spark.app_name)
         if config.spark.master:
             builder = builder.master(config.spark.master)
@@ -128,7 +160,10 @@ def get_spark(config: AppConfig, stage: str | None = None) -> SparkSession:
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         for key, value in session_settings(config, stage).items():
             builder = builder.config(key, value)
-        spark = builder.getOrCreate()
+        if quiet:
+            builder = builder.config("spark.ui.showConsoleProgress", "false")
+        with _console_to(quiet):
+            spark = builder.getOrCreate()
         log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
     else:
         log.info("reusing the active spark session (version %s)", spark.version)
