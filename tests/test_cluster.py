@@ -1,0 +1,197 @@
+"""A real Spark standalone cluster on loopback (one master, two one-core workers from the installed pyspark's
+``spark-class``): ``image-embeddings run`` with the data on the local S3 server survives a killed executor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, parent in parents.items() if parent == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _embedding(pid: int) -> bool:
+    """True when the Python worker ``pid`` has torch loaded and is computing (stage 2's UDF at work)."""
+    if not _has_torch(pid):
+        return False
+    before = _cpu_seconds(pid)
+    time.sleep(0.5)
+    return _cpu_seconds(pid) - before > 0.2
+
+
+def _has_torch(pid: int) -> bool:
+    try:
+        return "libtorch_cpu" in (Path("/proc") / str(pid) / "maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, s3_plan: Any) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A master and two one-core workers; every process they started is killed afterwards."""
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    port = _port()
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
+    log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 - closed below
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> None:
+        started.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+              "--webui-port", str(_port()))
+        master = f"spark://127.0.0.1:{port}"
+        for _ in range(2):
+            start("org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "3g",
+                  "--webui-port", str(_port()), master)
+        _wait_for(lambda: (tmp_path / "cluster.log").read_text(errors="replace").count(
+            "Successfully registered with master") >= 2, 120, "two workers to register")
+        yield master, started
+    finally:
+        for process in started:
+            with_children = [process.pid, *_children(process.pid)]
+            for pid in reversed(with_children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
+
+
+def test_run_on_a_standalone_cluster_survives_a_killed_executor(cluster: Any, s3_server: Any, spark: Any,
+                                                                tmp_path: Path) -> None:
+    master, started = cluster
+    client = s3_server.client()
+    client.create_bucket(Bucket="cluster")
+    names = []
+    for name in PHOTOS:
+        array = photo(name)
+        client.put_object(Bucket="cluster", Key=f"raw/{name}.jpg", Body=encode(array, size=(640, 480)))
+        names.append(name)
+        for suffix, variant in variants(array):
+            client.put_object(Bucket="cluster", Key=f"raw/{name}_{suffix}.jpg", Body=encode(variant, size=(640, 480)))
+            names.append(f"{name}_{suffix}")
+    write_sales(tmp_path / "sales", names)
+    args = [sys.executable, "-m", "image_embeddings", "run", "--config", str(REPO / "conf" / "local.yaml"),
+            "--set", f"spark.master={master}", "--set", f"s3.endpoint={s3_server.endpoint}", "--set", "s3.ssl=false",
+            "--set", "input.images=s3a://cluster/raw", "--set", f"input.sales={tmp_path / 'sales'}",
+            "--set", "output.images_table=s3a://cluster/delta/images",
+            "--set", "output.embeddings_table=s3a://cluster/delta/embeddings",
+            "--set", "output.runs_table=s3a://cluster/delta/runs", "--set", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}",
+            "--set", "model.weights=random:0", "--set", "model.precision=fp32", "--set", "model.batch_size=2",
+            "--set", "model.partitions=8",
+            "--log-file", str(tmp_path / "run.log")]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    lines: list[str] = []
+    stage2 = threading.Event()
+
+    def read() -> None:
+        assert run.stdout is not None
+        for line in run.stdout:
+            lines.append(line)
+            if "stage=ingest status=succeeded" in line:
+                stage2.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    killed: list[int] = []
+    try:
+        assert stage2.wait(timeout=600), "".join(lines)[-3000:]
+
+        def embedding_executor() -> int | None:
+            for worker in started[1:]:
+                for pid in _children(worker.pid):
+                    if "CoarseGrainedExecutorBackend" in _cmdline(pid) and any(
+                            _embedding(child) for child in _children(pid)):
+                        return pid
+            return None
+
+        _wait_for(lambda: embedding_executor() is not None or run.poll() is not None, 300, "stage 2 to embed")
+        victim = embedding_executor()
+        assert victim is not None, "stage 2 finished before an executor could be killed: " + "".join(lines)[-2000:]
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        assert run.wait(timeout=900) == 0, "".join(lines)[-4000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        reader.join(timeout=10)
+    assert killed
+
+    from image_embeddings.config import load_config
+    from image_embeddings.status import collect_status
+
+    config = load_config(REPO / "conf" / "local.yaml", [
+        f"s3.endpoint={s3_server.endpoint}", "s3.ssl=false", "input.images=s3a://cluster/raw",
+        f"input.sales={tmp_path / 'sales'}", "output.images_table=s3a://cluster/delta/images",
+        "output.embeddings_table=s3a://cluster/delta/embeddings", "output.runs_table=s3a://cluster/delta/runs"])
+    embeddings = spark.read.format("delta").load(config.output.embeddings_table)
+    assert embeddings.count() == len(names)
+    assert embeddings.select("image_id").distinct().count() == len(names), "exactly one embedding per image"
+    assert embeddings.where("embedding IS NULL").count() == 0
+    assert [r["status"] for r in collect_status(spark, config)["runs"]] == ["succeeded", "succeeded"]
