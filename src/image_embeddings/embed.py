@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.models import model_spec
+from image_embeddings.progress import Progress
 from image_embeddings.quality import run_drift
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, session_conf
@@ -316,7 +317,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             F.col("_e.worker_batches").alias("_batches"), F.col("_e.warmed").alias("_warmed"),
         ).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            with report.step("embed"):
+            with report.step("embed"), Progress(spark, "embed", n_todo, "images"):
                 stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
             assert stats is not None
             m["embed_seconds"] = round(time.monotonic() - started, 3)

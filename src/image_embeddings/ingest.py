@@ -22,6 +22,7 @@ from image_embeddings.config import AppConfig, PreprocessConfig
 from image_embeddings.embed import warm_up_workers
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.errors import EMPTY, NO_IMAGE_ID, UNREADABLE, reason_column
+from image_embeddings.progress import Progress
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
@@ -425,7 +426,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
                                    ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
             processed = decoded.unionByName(processed)
         try:
-            with report.step("read_and_decode"):
+            with report.step("read_and_decode"), Progress(spark, "decode", n_to_read, "files"):
                 # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
                 # cached: two jobs computing it at once would each decode every file.
                 summary = _summarize(processed)
