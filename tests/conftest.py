@@ -107,10 +107,15 @@ def make_config(base_overrides: list[str], tmp_path: Path):  # type: ignore[no-u
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Keep pytest's summary the last line: triton (which torch imports for some paths) prints hundreds of
-    nanobind "leaked ..." lines to stderr at interpreter exit. Only those come after this point."""
+    """Keep pytest's summary the last line: triton (which torchvision imports) prints hundreds of nanobind
+    "leaked ..." lines to stderr when the interpreter shuts down. An exit handler, which runs after pytest has
+    restored its captured file descriptors and before modules are torn down, points stderr at /dev/null then."""
+    import atexit
     import sys
 
-    if "triton" in sys.modules:
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    def silence() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    atexit.register(silence)
