@@ -38,12 +38,10 @@ class S3Plan:
 def s3_plan() -> Iterator[S3Plan]:
     """The test S3 server's address and credentials, exported for boto3 and Spark's S3A; no process yet."""
     import secrets
-    import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    plan = S3Plan(port, "test" + secrets.token_hex(4), secrets.token_hex(16))
+    from image_embeddings.s3server import free_port
+
+    plan = S3Plan(free_port(), "test" + secrets.token_hex(4), secrets.token_hex(16))
     saved = {k: os.environ.get(k) for k in plan.env()}
     os.environ.update(plan.env())
     yield plan

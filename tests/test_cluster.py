@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,10 @@ from typing import Any
 
 import pytest
 
+from image_embeddings.s3server import free_port
 from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -92,7 +86,7 @@ def cluster(tmp_path: Path, s3_plan: Any) -> Iterator[tuple[str, list[subprocess
     import pyspark
 
     home = Path(pyspark.__file__).parent
-    port = _port()
+    port = free_port()
     env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
            "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
     log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 - closed below
@@ -104,11 +98,11 @@ def cluster(tmp_path: Path, s3_plan: Any) -> Iterator[tuple[str, list[subprocess
 
     try:
         start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-              "--webui-port", str(_port()))
+              "--webui-port", str(free_port()))
         master = f"spark://127.0.0.1:{port}"
         for _ in range(2):
             start("org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "3g",
-                  "--webui-port", str(_port()), master)
+                  "--webui-port", str(free_port()), master)
         _wait_for(lambda: (tmp_path / "cluster.log").read_text(errors="replace").count(
             "Successfully registered with master") >= 2, 120, "two workers to register")
         yield master, started

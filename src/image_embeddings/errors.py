@@ -63,6 +63,12 @@ _JVM_PREFIX = re.compile(r"^(?:[a-z_][\w$]*\.)+(?=[A-Z])")  # org.apache.spark.S
 _CONNECT = re.compile(r"(?i)connect(?:ion)? to \[?([\w.\-]+(?::\d+)?)|https?://([\w.\-]+:\d+)")
 
 
+def _entry(name: str, message: str) -> str:
+    """``Name: first line of the message`` (just the name for an empty message)."""
+    lines = message.strip().splitlines()
+    return f"{name}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _chain(exc: BaseException) -> list[str]:
     """Messages from the outermost exception to the root cause, Java causes included (first lines only)."""
     messages: list[str] = []
@@ -74,8 +80,7 @@ def _chain(exc: BaseException) -> list[str]:
         if java is not None:
             messages += _java_chain(java)
         else:
-            text = str(current).strip().splitlines()
-            messages.append(f"{type(current).__name__}: {text[0] if text else ''}".rstrip(": "))
+            messages.append(_entry(type(current).__name__, str(current)))
         current = current.__cause__ or current.__context__
     return messages
 
@@ -84,9 +89,7 @@ def _java_chain(throwable: Any) -> list[str]:
     messages = []
     try:
         for _ in range(50):
-            name = str(throwable.getClass().getSimpleName())
-            text = str(throwable.getMessage() or "").strip().splitlines()
-            messages.append(f"{name}: {text[0] if text else ''}".rstrip(": "))
+            messages.append(_entry(str(throwable.getClass().getSimpleName()), str(throwable.getMessage() or "")))
             cause = throwable.getCause()
             if cause is None or cause.equals(throwable):
                 break

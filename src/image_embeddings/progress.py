@@ -64,14 +64,13 @@ class Progress:
     def fraction(self) -> float:
         """Share of the step's tasks finished so far (0 before Spark has started any)."""
         tracker = self.spark.sparkContext.statusTracker()
-        for stage_id in tracker.getActiveStageIds():
-            if stage_id in self._known:
-                continue
+        active = set(tracker.getActiveStageIds())
+        for stage_id in active - self._known:
             info = tracker.getStageInfo(stage_id)
             if info is not None and info.numTasks:
                 self._stages[stage_id] = (info.numCompletedTasks, info.numTasks)
         for stage_id, (_, tasks) in list(self._stages.items()):
-            if stage_id not in tracker.getActiveStageIds():
+            if stage_id not in active:
                 self._stages[stage_id] = (tasks, tasks)  # no longer active: finished (or retried as a new one)
         done = sum(d for d, _ in self._stages.values())
         tasks = sum(t for _, t in self._stages.values())

@@ -109,8 +109,7 @@ def vector_statistics(rows: DataFrame) -> dict[str, Any]:
     from image_embeddings.errors import reason_column
 
     norm = F.sqrt(F.aggregate("embedding", F.lit(0.0).cast("double"), lambda acc, x: acc + x * x))
-    stats = rows.select(norm.alias("norm"), F.size("embedding").alias("dim"), "embedding",
-                        reason_column(F.col("error")).alias("reason")).agg(
+    stats = rows.select(norm.alias("norm"), F.size("embedding").alias("dim"), "embedding").agg(
         F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("embedded"),
         F.min("dim").alias("dim_min"), F.max("dim").alias("dim_max"),
         F.mean("norm").alias("norm_mean"), F.min("norm").alias("norm_min"), F.max("norm").alias("norm_max"),
@@ -135,7 +134,7 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
 
     from pyspark.sql import functions as F
 
-    from image_embeddings.embed import embedder_settings, in_ranges, path_ranges, resolve_config_weights
+    from image_embeddings.embed import embedder_settings, in_ranges, model_key, path_ranges, resolve_config_weights
     from image_embeddings.embedder import Embedder
     from image_embeddings.similar import SimilarError, model_rows
 
@@ -148,8 +147,8 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
         rows = model_rows(spark, config, weights)
     except SimilarError as exc:
         raise EvaluateError(str(exc)) from None
-    table = spark.read.format("delta").load(out.embeddings_table)
-    every = table.where(F.col("model_key") == rows.select("model_key").first()[0])  # type: ignore[index]
+    key = model_key(config.model.name, weights.checksum, config.preprocess.preprocess_id, config.model.normalize)
+    every = spark.read.format("delta").load(out.embeddings_table).where(F.col("model_key") == key)
     statistics = vector_statistics(every)
     chosen = (rows.select("image_id", "sha256", "embedding").orderBy(F.rand(seed)).limit(sample)
               .join(spark.read.format("delta").load(out.images_table).select("image_id", "path"), "image_id"))
@@ -178,7 +177,7 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
         all_owners.append(owners)
     overall = retrieval_figures(originals, np.concatenate(all_queries), np.concatenate(all_owners))
     return {"table": out.embeddings_table, "model": config.model.name, "weights": config.model.weights,
-            "weights_checksum": weights.checksum, "model_key": rows.select("model_key").first()[0],  # type: ignore[index]
+            "weights_checksum": weights.checksum, "model_key": key,
             "sample": len(picked), "gallery": len(picked), "seed": seed, "augmentations": list(AUGMENTATIONS),
             **overall, "by_augmentation": per_augmentation, "statistics": statistics,
             "device": embedder.device, "precision": embedder.precision,

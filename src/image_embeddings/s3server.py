@@ -66,7 +66,8 @@ def find_minio() -> str:
     raise FileNotFoundError(f"MinIO server binary not found; {MINIO_HINT}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -78,8 +79,8 @@ def start(data_dir: str | Path, port: int | None = None, timeout_s: float = 60.0
     binary = find_minio()
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
-    console = _free_port()
+    port = port or free_port()
+    console = free_port()
     access_key = access_key or "test" + secrets.token_hex(4)
     secret_key = secret_key or secrets.token_hex(16)
     env = {**os.environ, "MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key,
