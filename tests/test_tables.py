@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from image_embeddings.embed import path_ranges
-from image_embeddings.tables import sql_string, table_features
+from image_embeddings.tables import key_ranges, path_ranges, ranges_sql, sql_string, table_features
 
 EMBEDDINGS = ("image_id", "model_key", "sha256", "embedding")
 FILES = ("path", "image_id", "image")
@@ -34,6 +33,23 @@ def test_path_ranges_merge_folders_past_the_limit_and_still_cover_every_path() -
     assert len(ranges) <= 8
     assert all(any(lo <= p <= hi for lo, hi in ranges) for p in paths)
     assert ranges == sorted(ranges) and all(lo <= hi for lo, hi in ranges)
+
+
+def test_key_ranges_one_per_value_until_the_limit_then_merged_and_never_missing_one() -> None:
+    ids = [f"img{i:04d}" for i in (7, 3, 3, 9000, 12)]
+    assert key_ranges(ids) == [("img0003", "img0003"), ("img0007", "img0007"), ("img0012", "img0012"),
+                               ("img9000", "img9000")]
+    many = [f"img{i:05d}" for i in range(0, 10_000, 7)]
+    ranges = key_ranges(many, limit=5)
+    assert len(ranges) == 5 and ranges == sorted(ranges)
+    assert all(any(lo <= k <= hi for lo, hi in ranges) for k in many)
+    assert key_ranges([]) == []
+
+
+def test_ranges_sql_is_the_same_condition_as_in_ranges() -> None:
+    assert ranges_sql("t.image_id", [("a", "b"), ("it's", "z")]) == (
+        "((t.image_id >= 'a' AND t.image_id <= 'b') OR (t.image_id >= 'it\\'s' AND t.image_id <= 'z'))")
+    assert ranges_sql("t.image_id", []) == "false"
 
 
 def test_sql_string_escapes_quotes_and_backslashes() -> None:

@@ -20,13 +20,20 @@ from image_embeddings.quality import run_drift
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, session_conf
 from image_embeddings.tables import (
+    clustered,
     commit_state,
     ensure_features,
+    in_ranges,
+    key_ranges,
+    literal_keys,
     merge_changes,
+    path_ranges,
+    ranges_sql,
     read_changes,
     read_table,
     record_state,
     require_columns,
+    sql_string,
     table_version,
     with_commit_retries,
 )
@@ -179,31 +186,6 @@ def stale_rows(images: DataFrame, embeddings: DataFrame | None, key: str) -> Dat
             .join(live, "image_id", "left_anti"))
 
 
-def path_ranges(paths: list[str], limit: int = 64) -> list[tuple[str, str]]:
-    """At most ``limit`` (first, last) ranges that cover ``paths``, one per folder while there are few folders.
-
-    A filter on these lets Delta skip the data files of the files table that hold none of the paths (by their
-    path statistics): a night's thumbnails sit in the files that night's run wrote.
-    """
-    folders: dict[str, list[str]] = {}
-    for path in sorted(paths):
-        folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
-    spans = [(group[0], group[-1]) for group in folders.values()]
-    if len(spans) <= limit:
-        return spans
-    size = -(-len(spans) // limit)
-    return [(spans[i][0], spans[min(i + size, len(spans)) - 1][1]) for i in range(0, len(spans), size)]
-
-
-def in_ranges(column: str, ranges: list[tuple[str, str]]) -> Column:
-    """True where ``column`` falls in one of ``ranges`` (inclusive)."""
-    from functools import reduce
-
-    from pyspark.sql import functions as F
-
-    return reduce(lambda a, b: a | b, [(F.col(column) >= lo) & (F.col(column) <= hi) for lo, hi in ranges])
-
-
 # Past this many images to embed, thumbnails are found by a join alone (no path list on the driver).
 MAX_LISTED_PATHS = 1_000_000
 
@@ -241,12 +223,26 @@ def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame |
     since = int(state[1]["images_table_version"])
     if since > images_version:
         return "full: recorded images-table version is ahead of the table", None
-    if since == images_version:
-        return None, spark.createDataFrame([], "image_id STRING")
     keys = read_changes(spark, images_path, since, images_version, ("image_id",))
     if keys is None:
         return "full: change data feed unavailable", None
     return None, keys
+
+
+# Embeddings-table rows per data file a run writes (about 7 MB at 2048 dimensions): a MERGE that replaces a few
+# embeddings reads and marks only the files that hold them.
+ROWS_PER_EMBEDDINGS_FILE = 1000
+
+
+def _merge_scope(key: str, result: DataFrame, n_result: int, stale: DataFrame | None, n_stale: int) -> str | None:
+    """The MERGE's target condition: this model's rows in the key ranges of what it writes and removes, so Delta
+    scans only the data files that may hold them (None past :data:`MAX_LITERAL_KEYS`: the model's rows)."""
+    ids = literal_keys(result, "image_id", n_result)
+    gone = [] if stale is None or not n_stale else literal_keys(stale, "image_id", n_stale)
+    scope = f"t.model_key = {sql_string(key)}"
+    if ids is None or gone is None:
+        return scope
+    return f"{scope} AND {ranges_sql('t.image_id', key_ranges(ids + gone))}"
 
 
 def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
@@ -283,12 +279,24 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             existing = read_table(spark, out.embeddings_table)
         state = commit_state(spark, out.embeddings_table,
                              lambda s: s.get("model_key") == key and "images_table_version" in s)
+        m["images_table_version"] = images_version
+        if existing is not None and state is not None and int(state[1]["images_table_version"]) == images_version:
+            # The images table has not changed since this model's last commit: nothing to embed or remove.
+            m.update(images_sync="incremental", rows_considered=0, embedded=0, skipped=0, removed=0, errors={},
+                     python_workers=0, model_loads=0, workers_warmed_up=0, batches=0, device=[], precision=[],
+                     embed_seconds=0.0, embeddings_table_version=table_version(spark, out.embeddings_table))
+            return
         reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
         m["images_sync"] = reason or "incremental"
-        m["images_table_version"] = images_version
         current = images.select("image_id", "sha256", "path", "error")
         mine = None if existing is None else existing.where(F.col("model_key") == key)
         if keys is not None:
+            # The changed image_ids as ranges too: Delta then reads only the data files that may hold them.
+            ids = literal_keys(keys, "image_id")
+            if ids is not None:
+                near = in_ranges("image_id", key_ranges(ids))
+                current = current.where(near)
+                mine = None if mine is None else mine.where(near)
             current = current.join(F.broadcast(keys), "image_id", "left_semi")
             mine = None if mine is None else mine.join(F.broadcast(keys), "image_id", "left_semi")
         wanted = select_todo(current, mine, key).persist(StorageLevel.MEMORY_AND_DISK)
@@ -318,20 +326,23 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
         ).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             with report.step("embed"), Progress(spark, "embed", n_todo, "images"):
-                stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+                # Nothing to embed (a rerun): no job at all, so no Python worker starts.
+                stats = (result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+                         if n_todo else {"rows": 0, "ok": 0})
             assert stats is not None
             m["embed_seconds"] = round(time.monotonic() - started, 3)
             workers = result.groupBy("_pid").agg(
                 F.max("_loads").alias("loads"), F.min(F.col("_warmed").cast("int")).alias("warmed"),
                 F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
-                F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
+                F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")
+            ).collect() if n_todo else []
             m["python_workers"] = len(workers)
             m["model_loads"] = sum(int(r["loads"]) for r in workers)
             # Workers whose first task found the model loaded or loading: by stage 1 of `run`, or an earlier run.
             m["workers_warmed_up"] = sum(int(r["warmed"]) for r in workers)
             m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
             m["embedded"] = int(stats["ok"])
-            m["errors"] = errors_by_reason(result)
+            m["errors"] = errors_by_reason(result) if n_todo else {}
             m["device"] = sorted({d for r in workers for d in r["devices"] if d})
             m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
             if m["embedded"]:
@@ -344,9 +355,11 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             reached = {"model_key": key, "images_table_version": images_version}
             if int(stats["rows"]) or n_stale or existing is None:
                 with report.step("write_embeddings_table"):
-                    rows = result.select(*EMBEDDING_COLUMNS)
+                    rows = clustered(result.select(*EMBEDDING_COLUMNS), "image_id", int(stats["rows"]),
+                                     ROWS_PER_EMBEDDINGS_FILE)
                     _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
-                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"], metadata=reached))
+                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"], metadata=reached,
+                        target_filter=_merge_scope(key, result, int(stats["rows"]), stale, n_stale)))
             elif state is None or state[1]["images_table_version"] != images_version:
                 record_state(spark, out.embeddings_table, reached)  # nothing to embed, but later runs start here
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +27,15 @@ from image_embeddings.progress import Progress
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
+    clustered,
     commit_state,
     create,
     ensure_features,
+    in_ranges,
+    key_ranges,
+    literal_keys,
     merge_changes,
+    ranges_sql,
     read_changes,
     read_table,
     record_state,
@@ -338,26 +344,33 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
                warm_up: EmbedderSettings | None = None) -> RunReport:
     """Run stage 1 once and return its report (also logged, written to ``report_file`` and the runs table).
 
-    ``warm_up``: the settings of a stage 2 that follows in this session. Its model then loads in the background
-    of stage 1's Python workers, which start at once, beside listing and planning, instead of at the first decode.
+    ``warm_up``: the settings of a stage 2 that follows in this session. When the plan finds files to decode, its
+    model starts loading in the background of stage 1's Python workers, beside the decoding, instead of at stage
+    2's first batch. A run with nothing to decode loads nothing.
     """
     def work(report: RunReport) -> None:
         # Stage 1's Arrow batches carry whole files: keep them small even if another stage changed the setting.
         with session_conf(spark, runtime_settings(config)), ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="warm-up") as warming:
-            if warm_up is not None:
-                warming.submit(warm_up_workers, spark, warm_up)  # never raises; waited for on the way out
-            _ingest(spark, config, report)
+            def start_warm_up() -> None:
+                if warm_up is not None:  # never raises; waited for on the way out
+                    report.metrics["model_warm_up"] = True
+                    warming.submit(warm_up_workers, spark, warm_up)
+
+            _ingest(spark, config, report, start_warm_up)
 
     return run_reported("ingest", work, spark, config.output.runs_table,
                         run_id, report_file, run_date, rate=("files_decoded", None))
 
 
-# Files-table rows per Parquet file written by one run: about 20 MB of thumbnails.
-ROWS_PER_WRITTEN_FILE = 1000
+# Files-table rows per data file a run writes (about 7 MB of 224x224 thumbnails), in path order: a night's
+# changes touch the few files of its folders, and the files table's MERGE (no deletion vectors, see
+# tables.table_features) rewrites only those.
+ROWS_PER_WRITTEN_FILE = 500
 
 
-def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
+def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
+            on_decode: Callable[[], None] = lambda: None) -> None:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -368,15 +381,19 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
     m["input_images"] = root
     m["preprocess_id"] = pre.preprocess_id
 
-    with report.step("sales_check"):
+    def check_sales() -> tuple[DataFrame, str, tuple[int, dict[str, Any]] | None]:
         sales = read_sales(spark, inp.sales, inp.sales_key)
         sales_fp = sales_fingerprint(spark, inp.sales)
         images_state = commit_state(spark, out.images_table, lambda s: "files_table_version" in s)
-    # The key check runs beside listing and planning; nothing is read or written before it passed. Sales files
-    # that have not changed since the images table was last brought up to date passed it then.
+        # Sales files that have not changed since the images table was last brought up to date passed it then.
+        if images_state is None or images_state[1].get("sales") != sales_fp:
+            _check_sales_keys(sales, inp.sales_key)
+        return sales, sales_fp, images_state
+
+    # The sales table is read and its keys checked beside listing and planning (the driver's work of each overlaps
+    # the other's Spark jobs); nothing is read or written before it passed.
     sales_check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sales-check")
-    checked_before = images_state is not None and images_state[1].get("sales") == sales_fp
-    sales_checked = sales_check.submit(lambda: None if checked_before else _check_sales_keys(sales, inp.sales_key))
+    sales_checked = sales_check.submit(check_sales)
     sales_check.shutdown(wait=False)
 
     with report.step("list"):
@@ -410,8 +427,10 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
         to_read = todo.where(readable)
         n_to_read = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] in ("new", "changed", "retry"))
         n_readable = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed")
+        if n_to_read:
+            on_decode()
         with report.step("sales_check"):
-            sales_checked.result()
+            sales, sales_fp, images_state = sales_checked.result()
         ingested_at = utcnow()
         not_read = todo.where(~readable).withColumn("_error", F.when(
             F.col("file_size") == 0, F.lit(EMPTY)).otherwise(too_large_error(inp.max_file_bytes)))
@@ -429,7 +448,9 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             with report.step("read_and_decode"), Progress(spark, "decode", n_to_read, "files"):
                 # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
                 # cached: two jobs computing it at once would each decode every file.
-                summary = _summarize(processed)
+                n_todo = sum(counts.get(status, 0) for status in ("new", "changed", "retry"))
+                summary: dict[str, Any] = (_summarize(processed) if n_todo
+                                           else {"rows": 0, "read": 0, "bytes": 0, "errors": {}})
                 if decoded is not None:
                     # A listed file that could not be read now (deleted or grown past the limit meanwhile).
                     vanished = error_rows(to_read.join(decoded.select("path"), "path", "left_anti"),
@@ -445,8 +466,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
             m["errors"] = summary["errors"]
             removed = plan.where(F.col("status") == "removed").select("path")
             if summary["rows"] or m["files_removed"] or files is None:
-                # Cached rows: a few Parquet files per run, not one per input split.
-                written = processed.select(*FILE_COLUMNS).coalesce(max(1, -(-summary["rows"] // ROWS_PER_WRITTEN_FILE)))
+                written = clustered(processed.select(*FILE_COLUMNS), "path", summary["rows"], ROWS_PER_WRITTEN_FILE)
                 with report.step("write_files_table"):
                     _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
                         spark, out.files_table_path, written, removed, "path",
@@ -583,10 +603,17 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
         StorageLevel.MEMORY_AND_DISK)
     keys = F.broadcast(persisted)
     try:
-        after = files.join(keys, "image_id", "left_semi")
+        # The changed image_ids as ranges too: Delta (and Parquet, for the sales) skip files that cannot hold them.
+        ids = literal_keys(persisted, "image_id")
+        scope = None if ids is None else key_ranges(ids)
+
+        def near(df: DataFrame) -> DataFrame:
+            return df if scope is None else df.where(in_ranges("image_id", scope))
+
+        after = near(files).join(keys, "image_id", "left_semi")
         before = after.join(changes.select("path"), "path", "left_anti").unionByName(
             first_states(changes).join(keys, "image_id", "left_semi"))
-        sales_k = sales.join(keys, "image_id", "left_semi")
+        sales_k = near(sales).join(keys, "image_id", "left_semi")
         resolved = resolve_duplicates(after)
         now, then, delta = concurrently(lambda: match_counts(resolved, sales_k),
                                         lambda: match_counts(resolve_duplicates(before), sales_k),
@@ -596,7 +623,8 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
         errors_total = {k: v for k, v in sorted(errors.items()) if v}
         m.update(totals, errors_total=errors_total)
         _write_images(spark, join_sales(resolved, sales_k, inp.join), existing, out.images_table, report,
-                      {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys)
+                      {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys,
+                      key_scope=scope)
     finally:
         persisted.unpersist()
         changes.unpersist()
@@ -631,9 +659,11 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
 
 
 def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: str,
-                  report: RunReport, state: dict[str, Any], changed_keys: DataFrame | None) -> None:
+                  report: RunReport, state: dict[str, Any], changed_keys: DataFrame | None,
+                  key_scope: list[tuple[str, str]] | None = None) -> None:
     """Bring the images table to ``desired`` (for ``changed_keys`` only, when given), writing only rows that
-    differ; the commit records ``state``. Nothing is written when nothing differs and the state is the same."""
+    differ; the commit records ``state``. Nothing is written when nothing differs and the state is the same.
+    ``key_scope``: image_id ranges that hold every changed key, so reads and the MERGE skip other files."""
     from pyspark.sql import functions as F
 
     now = utcnow()
@@ -648,7 +678,8 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
         m["images_deleted"] = 0
         m["images_table_version"] = table_version(spark, path)
         return
-    have_rows = existing if changed_keys is None else existing.join(changed_keys, "image_id", "left_semi")
+    near = existing if key_scope is None else existing.where(in_ranges("image_id", key_scope))
+    have_rows = near if changed_keys is None else near.join(changed_keys, "image_id", "left_semi")
     wanted = target.withColumn("_fp", fingerprint(desired))
     have = have_rows.select("image_id", fingerprint(existing).alias("_fp"))
     upserts = wanted.join(have, ["image_id", "_fp"], "left_anti").drop("_fp")
@@ -657,7 +688,8 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
     if n_upserts or n_deletes:
         _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
-            spark, path, upserts.select(*existing.columns), deletes, "image_id", metadata=state))
+            spark, path, upserts.select(*existing.columns), deletes, "image_id", metadata=state,
+            target_filter=None if key_scope is None else ranges_sql("t.image_id", key_scope)))
         m["images_table_write"] = "merged"
     else:
         # Nothing to change, but record the state reached, so later runs start from here.

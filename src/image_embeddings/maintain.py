@@ -28,6 +28,11 @@ RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 # VACUUM lists a table's directories in this many tasks (Spark's default: 10,000, about 100 s of scheduling on two
 # cores for a tiny table). The package's tables are not partitioned: a few directories, a few tasks are enough.
 LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+# OPTIMIZE packs small files into files of at most this size (Delta's default: 1 GB). The files table has no
+# deletion vectors, so a later MERGE that changes one row of a compacted file rewrites all of it: bounded here.
+OPTIMIZE_FILE_BYTES = 256 << 20
+OPTIMIZE_SIZES = {"spark.databricks.delta.optimize.maxFileSize": str(OPTIMIZE_FILE_BYTES),
+                  "spark.databricks.delta.optimize.minFileSize": str(OPTIMIZE_FILE_BYTES)}
 
 _UNIT_HOURS = {"week": 168.0, "day": 24.0, "hour": 1.0, "minute": 1 / 60, "second": 1 / 3600,
                "millisecond": 1 / 3_600_000, "microsecond": 1 / 3_600_000_000}
@@ -108,7 +113,8 @@ def _optimize(spark: SparkSession, name: str, path: str) -> dict[str, int]:
     from delta.tables import DeltaTable
 
     def compact() -> dict[str, Any]:
-        row = DeltaTable.forPath(spark, path).optimize().executeCompaction().select("metrics").first()
+        with session_conf(spark, OPTIMIZE_SIZES):
+            row = DeltaTable.forPath(spark, path).optimize().executeCompaction().select("metrics").first()
         return {} if row is None or row[0] is None else row[0].asDict(recursive=True)
 
     metrics, _ = with_commit_retries(f"OPTIMIZE of the {name} table at {path}", compact)

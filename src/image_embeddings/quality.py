@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("flip", "crop", "brightness")
 DRIFT_NEW_ROWS = 512  # this run's embeddings sampled for the drift figure
-DRIFT_REFERENCE_ROWS = 2048  # the table's earlier embeddings it is compared with
+DRIFT_REFERENCE_ROWS = 512  # the table's earlier embeddings it is compared with
+DRIFT_SPLIT_BYTES = 4 << 20  # scan split size while reading them
 
 
 class EvaluateError(RuntimeError):
@@ -94,11 +95,16 @@ def run_drift(new_rows: DataFrame, earlier: DataFrame | None, key: str) -> dict[
     :data:`DRIFT_REFERENCE_ROWS` earlier ones of the same model identity. Reads that many rows, not the table."""
     from pyspark.sql import functions as F
 
+    from image_embeddings.spark import session_conf
+
     new = [r[0] for r in new_rows.where(F.col("embedding").isNotNull()).select("embedding")
            .limit(DRIFT_NEW_ROWS).collect()]
-    reference = [] if earlier is None else [
-        r[0] for r in earlier.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
-        .select("embedding").limit(DRIFT_REFERENCE_ROWS).collect()]
+    # Small scan splits: the limit's first task then reads about one data file, not a share of the whole table.
+    with session_conf(earlier.sparkSession if earlier is not None else new_rows.sparkSession,
+                      {"spark.sql.files.maxPartitionBytes": str(DRIFT_SPLIT_BYTES)}):
+        reference = [] if earlier is None else [
+            r[0] for r in earlier.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
+            .select("embedding").limit(DRIFT_REFERENCE_ROWS).collect()]
     return drift_figures(np.asarray(new, dtype=np.float32), np.asarray(reference, dtype=np.float32))
 
 
@@ -134,9 +140,10 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
 
     from pyspark.sql import functions as F
 
-    from image_embeddings.embed import embedder_settings, in_ranges, model_key, path_ranges, resolve_config_weights
+    from image_embeddings.embed import embedder_settings, model_key, resolve_config_weights
     from image_embeddings.embedder import Embedder
     from image_embeddings.similar import SimilarError, model_rows
+    from image_embeddings.tables import in_ranges, path_ranges
 
     if sample < 2:
         raise EvaluateError("--sample: needs at least 2 images")

@@ -227,6 +227,70 @@ def record_state(spark: SparkSession, path: str, metadata: dict[str, Any]) -> No
         spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
 
 
+def key_ranges(values: list[str], limit: int = 64, group: Callable[[str], str] | None = None
+               ) -> list[tuple[str, str]]:
+    """At most ``limit`` (first, last) ranges that cover ``values``: one per ``group`` (one per value without it)
+    while there are few, else consecutive groups merged.
+
+    A filter on these (:func:`in_ranges`) lets Delta skip the data files that hold none of the values, by their
+    min/max statistics; an ``IN`` list would not: Delta prunes it by the list's overall minimum and maximum.
+    """
+    spans: dict[str, tuple[str, str]] = {}
+    for value in sorted(set(values)):
+        name = value if group is None else group(value)
+        spans[name] = (spans[name][0], value) if name in spans else (value, value)
+    ordered = list(spans.values())
+    if len(ordered) <= limit:
+        return ordered
+    size = -(-len(ordered) // limit)
+    return [(ordered[i][0], ordered[min(i + size, len(ordered)) - 1][1]) for i in range(0, len(ordered), size)]
+
+
+def path_ranges(paths: list[str], limit: int = 64) -> list[tuple[str, str]]:
+    """:func:`key_ranges` of file paths, one per folder while there are few folders: a night's files sit in the
+    data files that night's run wrote."""
+    return key_ranges(paths, limit, group=lambda path: path.rsplit("/", 1)[0])
+
+
+def in_ranges(column: str, ranges: list[tuple[str, str]]) -> Column:
+    """True where ``column`` falls in one of ``ranges`` (inclusive); False when there are none."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    if not ranges:
+        return F.lit(False)
+    return reduce(lambda a, b: a | b, [(F.col(column) >= lo) & (F.col(column) <= hi) for lo, hi in ranges])
+
+
+def ranges_sql(column: str, ranges: list[tuple[str, str]]) -> str:
+    """:func:`in_ranges` as Spark SQL (for a MERGE's target condition)."""
+    if not ranges:
+        return "false"
+    return "(" + " OR ".join(f"({column} >= {sql_string(lo)} AND {column} <= {sql_string(hi)})"
+                             for lo, hi in ranges) + ")"
+
+
+# Up to this many keys, lookups by key carry them as ranges (:func:`key_ranges`) that Delta prunes files by.
+MAX_LITERAL_KEYS = 100_000
+
+
+def literal_keys(keys: DataFrame, column: str, known: int | None = None) -> list[str] | None:
+    """The distinct values of ``column`` in ``keys`` when there are at most :data:`MAX_LITERAL_KEYS`, else None."""
+    n = keys.count() if known is None else known
+    if n > MAX_LITERAL_KEYS:
+        return None
+    return [r[0] for r in keys.select(column).distinct().collect() if r[0] is not None]
+
+
+def clustered(df: DataFrame, key: str, rows: int, rows_per_file: int) -> DataFrame:
+    """``df`` range-partitioned and sorted by ``key`` into about ``rows / rows_per_file`` parts (data files).
+
+    Each data file then holds a narrow range of keys: later lookups and MERGEs by key touch few, bounded files.
+    """
+    return df.repartitionByRange(max(1, -(-rows // rows_per_file)), key).sortWithinPartitions(key)
+
+
 def sql_string(text: str) -> str:
     """``text`` as a Spark SQL string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
