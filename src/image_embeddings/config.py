@@ -80,6 +80,9 @@ class SparkConfig:
     # spark.reaches_s3): hadoop-aws and its 560 MB AWS SDK bundle would otherwise be searched by every class lookup.
     s3_packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
+    # Local sessions only: a folder for the driver JVM's class-data-sharing archive (made by the first run, used by
+    # later ones: about 4 s less per run on 2 cores). Empty: none.
+    class_archive_dir: str | None = None
     arrow_max_records_per_batch: int = 32
     arrow_max_bytes_per_batch: int = 64 * 1024 * 1024
     conf: dict[str, str] = field(default_factory=dict)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,12 +159,20 @@ def get_spark(config: AppConfig, stage: str | None = None, jvm_log: str | None =
         if (config.spark.master or "").startswith("local"):
             # Local Python workers run this interpreter, which has the package and its dependencies.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        for key, value in session_settings(config, stage).items():
+        settings = session_settings(config, stage)
+        dump = None
+        if launching and config.spark.class_archive_dir and (config.spark.master or "").startswith("local"):
+            options, dump = class_archive_options(Path(config.spark.class_archive_dir).expanduser(), settings)
+            settings["spark.driver.extraJavaOptions"] = " ".join(
+                filter(None, [settings.get("spark.driver.extraJavaOptions", ""), options]))
+        for key, value in settings.items():
             builder = builder.config(key, value)
         if quiet:
             builder = builder.config("spark.ui.showConsoleProgress", "false")
         with _console_to(quiet):
             spark = builder.getOrCreate()
+        if dump is not None:
+            note_archiving_jvm(spark, dump)
         log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
     else:
         log.info("reusing the active spark session (version %s)", spark.version)
@@ -171,6 +180,75 @@ def get_spark(config: AppConfig, stage: str | None = None, jvm_log: str | None =
         spark.conf.set(key, value)
     drop_java_jars_from_python_path(spark)
     return spark
+
+
+def class_archive_options(folder: Path, settings: dict[str, str]) -> tuple[str, Path | None]:
+    """JVM options that use this setup's class-data-sharing archive in ``folder``, or make it at the JVM's exit
+    (then also the file it will be dumped to: :func:`note_archiving_jvm` records which JVM writes it).
+
+    Loading and verifying Spark's and Delta's classes is a large part of a short local run. Java's dynamic archive
+    (``-XX:ArchiveClassesAtExit``, JDK 13+) keeps them ready for the next JVM. The archive is named by what it
+    depends on (the java binary, pyspark's jars, the packages and JVM options), so another setup gets its own. Each
+    JVM dumps to a file of its own; a later start adopts one whose JVM has exited. A JVM that cannot use an archive
+    (another JDK, a damaged file) warns in its log and runs without it (``-Xshare:auto``, the default).
+    """
+    import hashlib
+    import shutil
+
+    import pyspark
+
+    home = os.environ.get("JAVA_HOME")
+    java = Path(home, "bin", "java") if home else Path(shutil.which("java") or "java")
+    jars = Path(pyspark.__file__).parent / "jars"
+    parts = [str(java.resolve()), str(java.resolve().stat().st_mtime) if java.exists() else "",
+             *sorted(f"{j.name}:{j.stat().st_size}" for j in jars.glob("*.jar")),
+             settings.get("spark.jars.packages", ""), settings.get("spark.driver.extraJavaOptions", "")]
+    name = "spark-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16] + ".jsa"
+    archive = folder / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for dumped in folder.glob(name + ".*.tmp"):
+            marker = dumped.with_name(dumped.name + ".jvm")
+            pid = int(marker.read_text()) if marker.exists() else None
+            if pid is not None and not _alive(pid):  # its JVM has exited: the dump is complete
+                if archive.exists():
+                    dumped.unlink()  # a second dump, made while the first one was being written
+                else:
+                    dumped.replace(archive)
+                marker.unlink()
+            elif time.time() - dumped.stat().st_mtime > 86400:  # left by a JVM that was killed
+                dumped.unlink()
+                marker.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        log.warning("no JVM class archive in %s: %s", folder, exc)
+        return "", None
+    # The JVM's own CDS messages (classes it cannot archive, an archive it cannot map) would reach the console.
+    quiet = "-Xlog:cds*=off"
+    if archive.exists():
+        log.info("JVM class archive: %s", archive)
+        return f"-XX:SharedArchiveFile={archive} {quiet}", None
+    dump = folder / f"{name}.{os.getpid()}.tmp"
+    log.info("JVM class archive: made at this JVM's exit, for the next runs (%s)", archive)
+    return f"-XX:ArchiveClassesAtExit={dump} {quiet}", dump
+
+
+def note_archiving_jvm(spark: SparkSession, dump: Path) -> None:
+    """Record which JVM will write ``dump`` at its exit, so a later start adopts it only once that JVM is gone."""
+    try:
+        pid = int(spark._jvm.java.lang.ProcessHandle.current().pid())  # type: ignore[union-attr]
+        dump.with_name(dump.name + ".jvm").write_text(str(pid))
+    except Exception as exc:  # the archive is an optimization only
+        log.warning("JVM class archive %s will not be used: %s", dump, exc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # A jar this large is a bundle of Java dependencies (the AWS SDK's: 560 MB, 340,000 entries), not a Python package.
