@@ -40,8 +40,9 @@ dist: setup
 demo: setup
 	$(PY) scripts/demo.py --config conf/local.yaml
 
+# Two pytest workers: much of a test's time is spent waiting on Spark's scheduling, JVM starts and subprocesses.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check src tests jobs scripts
