@@ -8,7 +8,9 @@ MINIO  := .tools/bin/minio
 
 .PHONY: setup demo test lint clean bench dist
 
-setup: $(VENV)/.installed $(MINIO) .cache/ivy/.warm .venv-airflow/.installed
+# The two environments, MinIO and the jars are independent steps: built side by side.
+setup:
+	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(MINIO) .cache/ivy/.warm .venv-airflow/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -27,15 +27,14 @@ It prints a Markdown table (the nightly run, the rerun, live bytes per image, an
 to the smallest) and appends it, with the date, the machine, the code measured and the command, to ``--out``.
 MB are 10^6 bytes.
 
-Runtime on the 2-core x86_64 machine of `make bench`: 8 runs and 2 snapshot reads, each a fresh JVM (a run with
-nothing to do takes about 45 s there), plus the two builds. With the code of commit 4b56e39 the default sizes
-1000,4000 took 27 minutes on 2026-12-03 while other test runs shared the two cores (load average 6 to 10; the
-build of N=4000 alone 13 minutes, its embedding stage slowed most); about 12 to 15 minutes are expected on an idle
-machine. ``--sizes 200,400`` (the smoke run) took 14 minutes under the same load, about 7 expected idle;
-``--sizes 200`` is half that. Each ``image-embeddings run`` and snapshot read is bounded by ``--timeout``
-(default 1800 s), so no hung run can keep the benchmark going forever. The 1-minute load average when each run
-starts is reported next to its wall time. Temporary folders (photos, tables, event logs, about 0.4 GB at
-N=4000) are removed at the end unless ``--keep``.
+Runtime on the 2-core x86_64 machine of `make bench`: 8 runs and 2 snapshot reads, each a fresh JVM, plus the
+article's scripts on 10 photos. The default sizes 1000,4000 took 7.1 minutes on an idle machine on 2026-12-03
+(commit a939955; the build of N=4000 2.3 minutes of it, a run with nothing to do 13 to 18 s); with the previous
+release's code they took 27 minutes while other test runs shared the two cores. ``--sizes 200,400`` is a smoke
+run of a few minutes. Each ``image-embeddings run`` and snapshot read is bounded by ``--timeout`` (default
+1800 s), so no hung run can keep the benchmark going forever. The 1-minute load average when each run starts is
+reported next to its wall time. Temporary folders (photos, tables, event logs, about 0.4 GB at N=4000) are
+removed at the end unless ``--keep``.
 
 To measure another copy of the package (for example the committed one, while ``src/`` is being changed), put
 its ``src`` first on PYTHONPATH and, if its config schema differs, pass its own ``--config``: the runs, their
@@ -327,6 +326,27 @@ def bench_size(n: int, root: Path, photos: Photos, weights: Path, precision: str
 # the report
 
 
+def article_fixed_cost(root: Path, photos: Photos, weights: Path, timeout: float) -> float:
+    """The article's two scripts (``bench/baseline.py``) on 10 of the photos, in a process of their own, timed as
+    a run here is (process start to exit): the fixed cost a rerun with nothing new is compared with."""
+    from image_embeddings.sample import write_sales
+
+    work = root / "article"
+    (work / "images").mkdir(parents=True)
+    for i in range(10):
+        (work / "images" / f"{image_id(i)}.jpg").write_bytes(photos.jpeg(i))
+    write_sales(work / "sales", [image_id(i) for i in range(10)])
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--pipeline-child", "article", "--work",
+                           str(work), "--weights", str(weights), "--runs", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"the article's scripts failed:\n{done.stderr[-4000:]}")
+    log(f"the article's two scripts on 10 photos, a fresh process: {wall:.1f} s")
+    return wall
+
+
 def per_image(size: dict[str, Any], table: str | None = None) -> float:
     live = size["live"]
     total = live["bytes"][table] if table else sum(live["bytes"][t] for t in TABLES)
@@ -406,7 +426,11 @@ def command_line() -> str:
     return prefix + " ".join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
 
 
-def report(sizes: list[dict[str, Any]], seconds: float, precision: str) -> str:
+def report(sizes: list[dict[str, Any]], seconds: float, precision: str, article: float | None) -> str:
+    reruns = ", ".join(f"{size['runs']['rerun']['wall']:.1f} s at N={size['n']:,}" for size in sizes)
+    fixed = ("" if article is None else
+             f"Rerun with nothing new: {reruns}; the article's two scripts on 10 of the photos, in a fresh process "
+             f"timed the same way (process start to exit): {article:.1f} s.\n")
     return "\n".join([
         f"## Nightly benchmark run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
@@ -416,6 +440,7 @@ def report(sizes: list[dict[str, Any]], seconds: float, precision: str) -> str:
         "",
         summary(sizes),
         "",
+        fixed,
         "Every run:",
         "",
         details(sizes),
@@ -448,6 +473,7 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed to each run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (photos, tables, logs)")
+    parser.add_argument("--no-article", action="store_true", help="skip the article's fixed cost (10 photos)")
     parser.add_argument("--live-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.live_child:
@@ -466,6 +492,7 @@ def main() -> int:
         weights = trained_like_weights(root / "weights" / "resnet50.pth")
         photos = Photos()
         sizes = []
+        article = None if args.no_article else article_fixed_cost(root, photos, weights, args.timeout)
         for n in ns:
             sizes.append(bench_size(n, root, photos, weights, args.precision, args.timeout))
             if not args.keep:
@@ -475,7 +502,7 @@ def main() -> int:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    text = report(sizes, time.perf_counter() - started, args.precision)
+    text = report(sizes, time.perf_counter() - started, args.precision, article)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as sink:

@@ -225,10 +225,10 @@ def class_archive_options(folder: Path, settings: dict[str, str]) -> tuple[str, 
     # The JVM's own CDS messages (classes it cannot archive, an archive it cannot map) would reach the console.
     quiet = "-Xlog:cds*=off"
     if archive.exists():
-        log.info("JVM class archive: %s", archive)
+        log.debug("JVM class archive: %s", archive)
         return f"-XX:SharedArchiveFile={archive} {quiet}", None
     dump = folder / f"{name}.{os.getpid()}.tmp"
-    log.info("JVM class archive: made at this JVM's exit, for the next runs (%s)", archive)
+    log.debug("JVM class archive: made at this JVM's exit, for the next runs (%s)", archive)
     return f"-XX:ArchiveClassesAtExit={dump} {quiet}", dump
 
 
