@@ -43,8 +43,9 @@ demo: setup
 	$(PY) scripts/demo.py --config conf/local.yaml
 
 # Two pytest workers: much of a test's time is spent waiting on Spark's scheduling, JVM starts and subprocesses.
+# Tests that start clusters or whole pipelines in processes of their own share one worker (xdist_group).
 test: setup
-	$(PY) -m pytest -n 2 --dist worksteal
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests jobs scripts

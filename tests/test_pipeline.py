@@ -115,6 +115,7 @@ def test_rerun_one_day_leaves_other_days_alone(spark: Any, make_config: Any, tmp
     assert sorted(r.run_date for r in runs) == ["2026-11-22", "2026-11-23", "2026-11-23"]
 
 
+@pytest.mark.xdist_group("processes")
 def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     sets = [f"input.images={tmp_path}/sample/images", f"input.sales={tmp_path}/sample/sales",
             f"output.images_table={tmp_path}/delta/images", f"output.embeddings_table={tmp_path}/delta/embeddings",
@@ -169,6 +170,7 @@ def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     assert embed["workers_warmed_up"] >= 1 and embed["model_loads"] == embed["python_workers"]
 
 
+@pytest.mark.xdist_group("processes")
 def test_example_notebook_runs(tmp_path: Path) -> None:
     import nbclient
     import nbformat

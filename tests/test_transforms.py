@@ -422,3 +422,46 @@ def test_tests_on_tiny_frames_need_no_s3_server(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
     assert "SETUP    S spark" in done.stdout and "1 passed" in done.stdout
     assert "s3_server" not in done.stdout and not list((tmp_path / "t").glob("minio*"))
+
+
+def _files_read(df: Any) -> int:
+    """Bytes of the data files a query's scans read (Spark's `filesSize` metric), after running it."""
+    df.collect()
+    total = 0
+
+    def walk(node: Any) -> None:
+        nonlocal total
+        metrics = node.metrics()
+        if metrics.contains("filesSize"):
+            total += int(metrics.apply("filesSize").value())
+        children = node.children()
+        for i in range(children.size()):
+            walk(children.apply(i))
+
+    walk(df._jdf.queryExecution().executedPlan())
+    return total
+
+
+def test_clustered_writes_bounded_key_ordered_files_that_key_ranges_prune(spark: Any, tmp_path: Path) -> None:
+    from pyspark.sql import functions as F
+
+    from image_embeddings.tables import clustered, in_ranges, key_ranges
+
+    rows = spark.range(0, 2000).select(F.format_string("img%05d", (F.col("id") * 7919) % 2000).alias("image_id"),
+                                       F.lit("x" * 64).alias("pad"))
+    table = str(tmp_path / "t")
+    clustered(rows, "image_id", 2000, 250).write.format("delta").save(table)
+    t = spark.read.format("delta").load(table)
+    files = (t.groupBy(F.input_file_name().alias("f"))
+             .agg(F.min("image_id").alias("lo"), F.max("image_id").alias("hi"), F.count("*").alias("n"))
+             .orderBy("lo").collect())
+    assert len(files) == 8 and sum(f["n"] for f in files) == 2000 and max(f["n"] for f in files) <= 400
+    assert all(a["hi"] < b["lo"] for a, b in zip(files, files[1:], strict=False)), "files hold disjoint key ranges"
+
+    whole = _files_read(t)
+    wanted = ["img00003", "img00004", "img01990"]
+    ranged = t.where(in_ranges("image_id", key_ranges(wanted)))
+    assert sorted(r["image_id"] for r in ranged.collect()) == wanted
+    assert _files_read(ranged) * 3 < whole, "two of eight files read"
+    # An IN list is pruned by its overall minimum and maximum only: here, every file.
+    assert _files_read(t.where(F.col("image_id").isin(wanted))) == whole
