@@ -39,9 +39,10 @@ def s3_plan() -> Iterator[S3Plan]:
     """The test S3 server's address and credentials, exported for boto3 and Spark's S3A; no process yet."""
     import secrets
 
-    from image_embeddings.s3server import free_port
+    from image_embeddings.s3server import reserved_port
 
-    plan = S3Plan(free_port(), "test" + secrets.token_hex(4), secrets.token_hex(16))
+    # Planned now, bound when a test first needs the server: a port no outgoing connection can take meanwhile.
+    plan = S3Plan(reserved_port(), "test" + secrets.token_hex(4), secrets.token_hex(16))
     saved = {k: os.environ.get(k) for k in plan.env()}
     os.environ.update(plan.env())
     yield plan

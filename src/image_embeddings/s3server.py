@@ -73,6 +73,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def reserved_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a server that starts later: the kernel never hands
+    it to another process's outgoing connection meanwhile, as it may a port :func:`free_port` returned."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(10000, max(low, 10001)), k=min(200, max(low - 10000, 1))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def start(data_dir: str | Path, port: int | None = None, timeout_s: float = 60.0, access_key: str | None = None,
           secret_key: str | None = None) -> S3Server:
     """Start MinIO on 127.0.0.1 (fresh random credentials unless given) and wait until it answers."""
