@@ -234,9 +234,9 @@ def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame |
 ROWS_PER_EMBEDDINGS_FILE = 1000
 
 
-def _merge_scope(key: str, result: DataFrame, n_result: int, stale: DataFrame | None, n_stale: int) -> str | None:
+def _merge_scope(key: str, result: DataFrame, n_result: int, stale: DataFrame | None, n_stale: int) -> str:
     """The MERGE's target condition: this model's rows in the key ranges of what it writes and removes, so Delta
-    scans only the data files that may hold them (None past :data:`MAX_LITERAL_KEYS`: the model's rows)."""
+    scans only the data files that may hold them (past :data:`MAX_LITERAL_KEYS` keys: all the model's rows)."""
     ids = literal_keys(result, "image_id", n_result)
     gone = [] if stale is None or not n_stale else literal_keys(stale, "image_id", n_stale)
     scope = f"t.model_key = {sql_string(key)}"

@@ -99,12 +99,12 @@ def run_drift(new_rows: DataFrame, earlier: DataFrame | None, key: str) -> dict[
 
     new = [r[0] for r in new_rows.where(F.col("embedding").isNotNull()).select("embedding")
            .limit(DRIFT_NEW_ROWS).collect()]
-    # Small scan splits: the limit's first task then reads about one data file, not a share of the whole table.
-    with session_conf(earlier.sparkSession if earlier is not None else new_rows.sparkSession,
-                      {"spark.sql.files.maxPartitionBytes": str(DRIFT_SPLIT_BYTES)}):
-        reference = [] if earlier is None else [
-            r[0] for r in earlier.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
-            .select("embedding").limit(DRIFT_REFERENCE_ROWS).collect()]
+    reference = []
+    if earlier is not None:
+        # Small scan splits: the limit's first task then reads about one data file, not a share of the whole table.
+        with session_conf(earlier.sparkSession, {"spark.sql.files.maxPartitionBytes": str(DRIFT_SPLIT_BYTES)}):
+            reference = [r[0] for r in earlier.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
+                         .select("embedding").limit(DRIFT_REFERENCE_ROWS).collect()]
     return drift_figures(np.asarray(new, dtype=np.float32), np.asarray(reference, dtype=np.float32))
 
 

@@ -190,7 +190,7 @@ def class_archive_options(folder: Path, settings: dict[str, str]) -> tuple[str, 
     (``-XX:ArchiveClassesAtExit``, JDK 13+) keeps them ready for the next JVM. The archive is named by what it
     depends on (the java binary, pyspark's jars, the packages and JVM options), so another setup gets its own. Each
     JVM dumps to a file of its own; a later start adopts one whose JVM has exited. A JVM that cannot use an archive
-    (another JDK, a damaged file) warns in its log and runs without it (``-Xshare:auto``, the default).
+    (another JDK, a damaged file) runs without it (``-Xshare:auto``, the default), silently: its CDS log is off.
     """
     import hashlib
     import shutil

@@ -277,10 +277,11 @@ MAX_LITERAL_KEYS = 100_000
 
 def literal_keys(keys: DataFrame, column: str, known: int | None = None) -> list[str] | None:
     """The distinct values of ``column`` in ``keys`` when there are at most :data:`MAX_LITERAL_KEYS`, else None."""
-    n = keys.count() if known is None else known
-    if n > MAX_LITERAL_KEYS:
+    if known is not None and known > MAX_LITERAL_KEYS:
         return None
-    return [r[0] for r in keys.select(column).distinct().collect() if r[0] is not None]
+    found = [r[0] for r in keys.select(column).where(f"`{column}` IS NOT NULL").distinct()
+             .limit(MAX_LITERAL_KEYS + 1).collect()]  # one job: no separate count
+    return None if len(found) > MAX_LITERAL_KEYS else found
 
 
 def clustered(df: DataFrame, key: str, rows: int, rows_per_file: int) -> DataFrame:
