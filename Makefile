@@ -54,10 +54,19 @@ lint: setup
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
 
-# Benchmarks against the article's pipeline (prints a Markdown table, writes bench/results/latest.md), then the
+# Benchmarks against the article's pipelines (prints a Markdown table, writes bench/results/latest.md): our two
+# functions against the article's UDF bodies, then the whole pipeline on 2,000 and on 600 photos, three peers each in
+# a fresh process (the article's two Spark scripts, ours, the article's Daft pipeline; Daft's output checked against
+# ours) and each of our stages' rate inside Spark against its function's on the same 2 cores. Then the
 # nightly-scale benchmark (N=1,000 and 4,000 photos, 20 changed; appends to bench/results/nightly.md; 12-15 min idle).
-bench: setup
+bench: setup $(VENV)/.bench-installed
 	$(PY) bench/run.py
 	$(PY) bench/nightly.py
+
+# Daft and deltalake for the benchmark's Daft peer (the `bench` extra): not installed for `make test`. After
+# `setup` (order only: a phony target), so the two pip installs never run at once, even with -j.
+$(VENV)/.bench-installed: pyproject.toml | setup
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 # On a machine with a GPU (torch, torchvision, Pillow; no Spark needed): PYTHONPATH=src python bench/gpu.py
