@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--id", dest="image_id", help="the image_id of an embedded image to search with")
     similar.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
     similar.add_argument("--json", action="store_true", help="print the neighbours as JSON")
+    similar.add_argument("--exact", action="store_true", help="search exactly even when a fresh index exists")
+    index = sub.add_parser("index", help="build or update the nearest-neighbour index of the embeddings table "
+                                         "(faiss; an update adds and removes the changed rows only)")
+    _add_common(index)
+    index.add_argument("--full", action="store_true", help="rebuild from every row instead of updating")
+    neighbours = sub.add_parser("neighbours", help="write the top-k neighbours of every image to a Delta table "
+                                                   "(updates the index first; later runs redo changed rows only)")
+    _add_common(neighbours)
+    neighbours.add_argument("--k", type=int, default=None, help="neighbours per image (default index.neighbours_k)")
+    neighbours.add_argument("--full", action="store_true", help="recompute every row instead of the changed ones")
     evaluate = sub.add_parser("evaluate", help="embedding quality without labels: augmented copies of a sample of "
                                                "stored images found again (recall@1, @5), null and norm statistics")
     _add_common(evaluate)
@@ -107,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # maintain and check-config read no input: a {run_date} placeholder needs no --run-date there.
         config = load_config(args.config, args.overrides, run_date=args.run_date,
-                             needs_input=args.command not in ("maintain", "check-config", "status"))
+                             needs_input=args.command not in ("maintain", "check-config", "status", "index",
+                                                              "neighbours", "similar"))
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
@@ -141,6 +152,20 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
             return _similar(spark, config, args)
         if args.command == "evaluate":
             return _evaluate(spark, config, args)
+        if args.command == "index":
+            from image_embeddings.vector_index import index_line, run_index
+
+            report = run_index(spark, config, full=args.full, run_id=args.run_id, report_file=args.report,
+                               run_date=args.run_date)
+            print(index_line(report.metrics))
+            return 0
+        if args.command == "neighbours":
+            from image_embeddings.neighbours import neighbours_line, run_neighbours_reported
+
+            report = run_neighbours_reported(spark, config, k=args.k, full=args.full, run_id=args.run_id,
+                                             report_file=args.report, run_date=args.run_date)
+            print(neighbours_line(report.metrics))
+            return 0
         if args.command == "run":
             combined = run_pipeline(spark, config, run_id=args.run_id, report_file=args.report,
                                     run_date=args.run_date)
@@ -149,7 +174,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
         return 0 if report.status == "succeeded" else 1
     except Exception as exc:  # the package's errors, Spark's, the JVM's: one line; the trace in the log file
-        return _failed(args, config, exc, writes=args.command in ("ingest", "embed", "run"))
+        return _failed(args, config, exc, writes=args.command in ("ingest", "embed", "run", "neighbours"))
 
 
 def _failed(args: argparse.Namespace, config: AppConfig, exc: BaseException, writes: bool) -> int:
@@ -226,7 +251,7 @@ def _evaluate(spark: object, config: AppConfig, args: argparse.Namespace) -> int
 def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
     import json
 
-    from image_embeddings.similar import similar
+    from image_embeddings.similar import search
     from image_embeddings.uri import is_local, local_path
 
     image = None
@@ -236,13 +261,18 @@ def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
         else:
             row = spark.read.format("binaryFile").load(args.image).select("content").first()  # type: ignore[attr-defined]
             image = bytes(row[0]) if row is not None else b""
-    found = similar(spark, config, k=args.k, image_id=args.image_id, image=image)  # type: ignore[arg-type]
+    result = search(spark, config, k=args.k, image_id=args.image_id, image=image,  # type: ignore[arg-type]
+                    use_index=not args.exact)
+    how = f"searched {'with the ' if result.path == 'index' else 'exactly: '}{result.detail}"
+    found = result.neighbours
     if args.json:
         print(json.dumps([{"image_id": n.image_id, "score": round(n.score, 6)} for n in found], indent=2))
+        print(how, file=sys.stderr)
     else:
         print(f"{'rank':>4}  {'score':>8}  image_id")
         for rank, n in enumerate(found, 1):
             print(f"{rank:>4}  {n.score:8.4f}  {n.image_id}")
+        print(how)
     return 0
 
 

@@ -128,6 +128,32 @@ class MaintenanceConfig:
     optimize: bool = True
 
 
+INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_sq8", "ivf_pq")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """``image-embeddings index`` and ``neighbours``: the nearest-neighbour index and the neighbours table."""
+
+    location: str | None = None          # default <embeddings_table>_index
+    type: Literal["auto", "flat", "ivf_flat", "ivf_sq8", "ivf_pq"] = "auto"
+    exact_below: int = 50_000            # auto: an exact (flat) index below this many rows
+    pq_above: int = 5_000_000            # auto: IVF-SQ8 up to this many rows, IVF-PQ above
+    nprobe: int = 32                     # inverted lists searched per query
+    train_rows: int = 50_000             # at most this many sampled rows train the coarse quantizer
+    rebuild_fraction: float = 0.2        # rebuild when rows changed since the last build pass this fraction
+    neighbours_table: str | None = None  # default <embeddings_table>_neighbours
+    neighbours_k: int = 20
+
+    def location_for(self, embeddings_table: str) -> str:
+        """Where the index lives: ``location`` or ``<embeddings_table>_index``."""
+        return self.location or embeddings_table.rstrip("/") + "_index"
+
+    def neighbours_for(self, embeddings_table: str) -> str:
+        """The neighbours table: ``neighbours_table`` or ``<embeddings_table>_neighbours``."""
+        return self.neighbours_table or embeddings_table.rstrip("/") + "_neighbours"
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """The whole validated configuration."""
@@ -139,6 +165,7 @@ class AppConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
     s3: S3Config = field(default_factory=S3Config)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,6 +428,22 @@ def _check(config: AppConfig) -> None:
     if config.maintenance.vacuum_retention_hours < 0:
         raise ConfigError("maintenance.vacuum_retention_hours: must be >= 0, got "
                           f"{config.maintenance.vacuum_retention_hours}")
+    _check_index(config.index)
+
+
+def _check_index(index: IndexConfig) -> None:
+    for key, value in (("index.location", index.location), ("index.neighbours_table", index.neighbours_table)):
+        if value is not None:
+            _check_location(key, value)
+    if index.type not in INDEX_TYPES:
+        raise ConfigError(f"index.type: must be one of {', '.join(INDEX_TYPES)}, got {index.type!r}")
+    for key, number in (("index.exact_below", index.exact_below), ("index.pq_above", index.pq_above),
+                        ("index.nprobe", index.nprobe), ("index.train_rows", index.train_rows),
+                        ("index.neighbours_k", index.neighbours_k)):
+        if number < 1:
+            raise ConfigError(f"{key}: must be positive, got {number}")
+    if not 0.0 < index.rebuild_fraction <= 10.0:
+        raise ConfigError(f"index.rebuild_fraction: must be in (0, 10], got {index.rebuild_fraction}")
 
 
 def _check_model(model: ModelConfig) -> None:

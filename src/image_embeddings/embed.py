@@ -192,12 +192,16 @@ MAX_LISTED_PATHS = 1_000_000
 
 def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     """The embeddings joined with the images table's sales columns (the article's combined table)."""
-    embeddings = spark.read.format("delta").load(config.output.embeddings_table)
+    return with_sales(spark, config, spark.read.format("delta").load(config.output.embeddings_table))
+
+
+def with_sales(spark: SparkSession, config: AppConfig, rows: DataFrame) -> DataFrame:
+    """``rows`` (keyed by ``image_id``) joined with the images table's sales columns."""
     images = spark.read.format("delta").load(config.output.images_table)
     own = {"path", "file_size", "modification_time", "sha256", "width", "height", "image", "error", "preprocess_id",
            "run_id", "ingested_at", "duplicate_files", "updated_run_id", "updated_at"}
     sales = [c for c in images.columns if c not in own]
-    return embeddings.join(images.select(*sales), "image_id", "left")
+    return rows.join(images.select(*sales), "image_id", "left")
 
 
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,

@@ -6,8 +6,12 @@ import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 # Real photographs that scikit-image ships inside its wheel (no download needed).
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -130,3 +134,53 @@ def trained_like_weights(path: str | Path, model: str = "resnet50", seed: int = 
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), target)
     return target
+
+
+def clustered_vector(row: int, clusters: int, dim: int = 2048, spread: float = 0.6, seed: int = 0,
+                     group: int = 1) -> np.ndarray:
+    """Row ``row``'s synthetic unit embedding: its cluster's centre plus noise.
+
+    Deterministic per row, so Spark tasks and the driver compute the same vectors. With ``group=1`` row ``row``
+    belongs to cluster ``row % clusters``; rows of one cluster have a cosine of about ``1 / (1 + spread**2)``
+    with each other, rows of different clusters about 0. With ``group > 1``, consecutive rows form groups (a
+    product's photos and their augmentations: cosine about 0.94 with each other) and groups form clusters
+    (about 0.7): neighbourhood structure, unlike uniform noise, in which every row is about as far from every
+    other.
+    """
+    if group <= 1:
+        centre = np.random.default_rng((seed, row % clusters)).standard_normal(dim)
+        noise = np.random.default_rng((seed, row % clusters, row)).standard_normal(dim)
+        vector = centre / np.linalg.norm(centre) + spread * noise / np.linalg.norm(noise)
+    else:
+        cluster = (row // group) % clusters
+        centre = np.random.default_rng((seed, cluster)).standard_normal(dim)
+        member = np.random.default_rng((seed, cluster, row // group, 1)).standard_normal(dim)
+        noise = np.random.default_rng((seed, cluster, row, 2)).standard_normal(dim)
+        vector = (centre / np.linalg.norm(centre) + spread * member / np.linalg.norm(member)
+                  + spread / 2 * noise / np.linalg.norm(noise))
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def synthetic_embeddings(spark: SparkSession, model_key: str, start: int, count: int, clusters: int,
+                         dim: int = 2048, seed: int = 0, group: int = 1) -> DataFrame:
+    """Rows ``start`` to ``start + count`` of a synthetic embeddings table with the real schema (image_id
+    ``syn00000042``, :func:`clustered_vector` embeddings), computed by Spark tasks."""
+    import pandas as pd
+
+    def rows(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for b in batches:
+            ids = b["id"].tolist()
+            yield pd.DataFrame({
+                "image_id": [f"syn{i:08d}" for i in ids], "sha256": [f"{i:064x}" for i in ids],
+                "embedding": [clustered_vector(i, clusters, dim, seed=seed, group=group) for i in ids]})
+
+    from pyspark.sql import functions as F
+
+    vectors = spark.range(start, start + count, numPartitions=max(1, count // 20_000)).mapInPandas(
+        rows, "image_id string, sha256 string, embedding array<float>")  # type: ignore[arg-type]
+    return vectors.select(
+        "image_id", F.lit(model_key).alias("model_key"), "sha256", "embedding",
+        F.lit(model_key.split("-")[0]).alias("model"), F.lit("synthetic").alias("weights_checksum"),
+        F.lit("synthetic").alias("preprocess_id"), F.lit(True).alias("normalized"), F.lit("fp32").alias("precision"),
+        F.lit("cpu").alias("device"), F.lit(None).cast("string").alias("error"), F.lit("synthetic").alias("run_id"),
+        F.current_timestamp().alias("embedded_at"))

@@ -171,6 +171,16 @@ def create(spark: SparkSession, path: str, df: DataFrame, metadata: dict[str, An
              ", ".join(f"{k}={v}" for k, v in sorted(features.items())))
 
 
+def overwrite_where(df: DataFrame, path: str, condition: str, metadata: dict[str, Any] | None = None) -> None:
+    """Replace the rows matching ``condition`` (SQL) with ``df`` in one commit; create the table when needed."""
+    spark = df.sparkSession
+    if not table_exists(spark, path):
+        create(spark, path, df, metadata)
+        return
+    with _commit_metadata(spark, metadata):
+        df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+
+
 def ensure_features(spark: SparkSession, path: str) -> list[str]:
     """Turn on the :func:`table_features` an existing table lacks (a table of an older release); return them."""
     current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}

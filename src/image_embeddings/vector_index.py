@@ -1,0 +1,664 @@
+"""A nearest-neighbour index (faiss) of one model's rows of the embeddings table, stored beside the table.
+
+An index location (``index.location``, default ``<embeddings_table>_index``; local or ``s3a://``) holds one folder
+per model key::
+
+    manifest.json              the table version covered, the index type and the segments, in order
+    base-v12.faiss             the base segment: every vector of version 12, filled per Spark partition
+    base-v12.ids.parquet       its vector ids with image_id and sha256
+    base-v12.trained.faiss     the trained, empty index that every later segment starts from
+    delta-v12-v15.faiss        an update: the current vectors of the image_ids that changed in versions 13-15
+    delta-v12-v15.ids.parquet  their ids (kind ``add``) and every changed image_id's id (kind ``remove``)
+
+A full build trains the coarse quantizer on a sample and fills the base per partition (merged on the driver).
+An update reads the table's change data feed since the covered version and writes one small segment: its cost
+follows the night's changed rows, not the table. Loading applies the segments in order (removals, then
+additions). Once the rows changed since the base pass ``index.rebuild_fraction`` of it (its clusters drift), or
+when the change feed cannot be read, an update builds a new base instead. The manifest is written last: a
+failed build or update leaves the previous index whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from image_embeddings.config import AppConfig, IndexConfig
+from image_embeddings.uri import is_local, local_path, split_s3
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which of its builds loads is no news
+
+FORMAT = 1
+CHUNK_BYTES = 32 * 1024 * 1024  # serialized partial indexes travel to the driver in rows of this size
+# Delta operations that change no rows: an index covering the version before them is still fresh.
+NO_DATA_CHANGE = ("OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES")
+
+
+class VectorIndexError(RuntimeError):
+    """The index cannot be built, updated or read; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage
+
+
+class Store:
+    """Files of one index folder on a local file system or S3 (boto3, credentials from the provider chain)."""
+
+    def __init__(self, location: str, endpoint: str | None = None, region: str | None = None) -> None:
+        self.location = location.rstrip("/")
+        self._client: Any = None
+        self._endpoint, self._region = endpoint, region
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self._endpoint, region_name=self._region,
+                config=Config(s3={"addressing_style": "path"} if self._endpoint else {},
+                              retries={"max_attempts": 5, "mode": "standard"}))
+        return self._client
+
+    def _key(self, name: str) -> tuple[str, str]:
+        return split_s3(f"{self.location}/{name}")
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        if is_local(self.location):
+            path = local_path(self.location) / name
+            return path.read_bytes() if path.is_file() else None
+        bucket, key = self._key(name)
+        try:
+            body: bytes = self._s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self._s3().exceptions.NoSuchKey:
+            return None
+        return body
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write a whole file at once (a reader sees the old file or the new one)."""
+        if is_local(self.location):
+            folder = local_path(self.location)
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f".{name}.part"
+            partial.write_bytes(data)
+            partial.replace(folder / name)
+            return
+        bucket, key = self._key(name)
+        self._s3().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, names: Sequence[str]) -> None:
+        """Remove files that are no longer referenced; missing ones are fine."""
+        for name in names:
+            if is_local(self.location):
+                (local_path(self.location) / name).unlink(missing_ok=True)
+            else:
+                bucket, key = self._key(name)
+                self._s3().delete_object(Bucket=bucket, Key=key)
+
+    def names(self) -> list[str]:
+        """The files in the folder."""
+        if is_local(self.location):
+            folder = local_path(self.location)
+            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        bucket, prefix = self._key("")
+        pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"][len(prefix):] for page in pages for o in page.get("Contents", []))
+
+
+def store_for(config: AppConfig, key: str) -> Store:
+    """The folder of model ``key``'s index under the configured location."""
+    folder = hashlib.sha256(key.encode()).hexdigest()[:16]
+    where = config.index.location_for(config.output.embeddings_table)
+    return Store(f"{where.rstrip('/')}/{key.split('-')[0]}-{folder}", config.s3.endpoint, config.s3.region)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vectors and index types
+
+
+def vector_ids(image_ids: Sequence[str]) -> np.ndarray:
+    """Stable 63-bit ids of image_ids (faiss wants int64): the first 8 bytes of BLAKE2b, shifted right by one."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") >> 1 for i in image_ids),
+        dtype=np.int64, count=len(image_ids))
+
+
+def unit_rows(vectors: Any) -> np.ndarray:
+    """Rows scaled to length 1 (float32, C order): inner product is then cosine."""
+    matrix = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    return np.ascontiguousarray(matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12))
+
+
+def choose_type(rows: int, settings: IndexConfig) -> str:
+    """``index.type``, or by size when ``auto``: exact below ``exact_below`` rows, IVF-SQ8 up to ``pq_above``,
+    IVF-PQ beyond (32 bytes of codes per 256 dimensions)."""
+    if settings.type != "auto":
+        return settings.type
+    if rows < settings.exact_below:
+        return "flat"
+    return "ivf_sq8" if rows <= settings.pq_above else "ivf_pq"
+
+
+def list_count(kind: str, rows: int) -> int:
+    """Inverted lists for ``rows`` vectors: one for the exact index, else a power of two near sqrt(rows)."""
+    if kind == "flat":
+        return 1
+    return int(min(65536, max(16, 2 ** round(np.log2(max(rows, 1) ** 0.5)))))
+
+
+def faiss_module() -> Any:
+    """faiss, or an error naming the install that brings it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise VectorIndexError("the index needs faiss: pip install 'spark-image-embeddings[embed]' (faiss-cpu) "
+                               f"where stage 2 runs ({exc})") from None
+    return faiss
+
+
+def new_index(kind: str, dim: int, nlist: int) -> Any:
+    """An untrained inner-product index; ``flat`` is an IVF of one list (exact, with the same add and remove)."""
+    faiss = faiss_module()
+
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind in ("flat", "ivf_flat"):
+        return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf_sq8":
+        return faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                             faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf_pq":
+        sub = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m and dim % m == 0 and m <= 512)
+        return faiss.IndexIVFPQ(quantizer, dim, nlist, sub, 8, faiss.METRIC_INNER_PRODUCT)
+    raise VectorIndexError(f"unknown index type {kind!r}")
+
+
+def _serialize(index: Any) -> bytes:
+    return bytes(faiss_module().serialize_index(index))
+
+
+def _deserialize(data: bytes) -> Any:
+    return faiss_module().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def _parquet(table: Any) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _ids_table(ids: np.ndarray, image_ids: Sequence[str], sha256: Sequence[str | None], kind: str) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array(ids, pa.int64()), "image_id": pa.array(list(image_ids), pa.string()),
+                     "sha256": pa.array(list(sha256), pa.string()), "kind": pa.array([kind] * len(ids), pa.string())})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spark side: the rows of one model, their vectors on the driver, partial indexes per partition
+
+
+def model_table(spark: SparkSession, config: AppConfig, version: int | None = None, check: bool = True
+                ) -> tuple[DataFrame, str]:
+    """This config's embedded rows (``embedding`` not null) at ``version``, and the model key; refuses a table
+    without this model's rows when ``check``."""
+    from pyspark.sql import functions as F
+
+    from image_embeddings.similar import config_key, model_rows
+
+    rows = model_rows(spark, config, version=version, check=check)
+    return rows.where(F.col("embedding").isNotNull()), config_key(config)
+
+
+def vector_batches(rows: DataFrame, batch_rows: int = 4096) -> Iterator[tuple[list[str], list[str | None],
+                                                                               np.ndarray]]:
+    """(image_ids, sha256s, unit vectors) in batches, streamed to the driver one partition at a time.
+
+    The vectors cross as float32 bytes (not as lists of Python floats), and never all at once: the driver's
+    result size limit does not bound the table.
+    """
+    import pandas as pd
+
+    def pack(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for b in batches:
+            if len(b):
+                vecs = unit_rows(np.stack(b["embedding"].to_numpy()))
+                yield pd.DataFrame({"image_id": b["image_id"], "sha256": b["sha256"],
+                                    "vec": [v.tobytes() for v in vecs]})
+
+    packed = rows.select("image_id", "sha256", "embedding").mapInPandas(
+        pack, "image_id string, sha256 string, vec binary")  # type: ignore[arg-type]
+    ids: list[str] = []
+    shas: list[str | None] = []
+    vecs: list[bytes] = []
+    for row in packed.toLocalIterator(prefetchPartitions=True):
+        ids.append(row[0])
+        shas.append(row[1])
+        vecs.append(row[2])
+        if len(ids) >= batch_rows:
+            yield ids, shas, _matrix(vecs)
+            ids, shas, vecs = [], [], []
+    if ids:
+        yield ids, shas, _matrix(vecs)
+
+
+def _matrix(vecs: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), -1)
+
+
+def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any]:
+    """Add ``rows`` to copies of the ``trained`` empty index, one per Spark partition, and merge them on the driver.
+
+    Each partition's index crosses as serialized chunks; the output is cached first so that every partition is
+    computed in parallel, then streamed to the driver one at a time. Returns (index, ids table).
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark import StorageLevel
+
+    shared = spark.sparkContext.broadcast(trained)
+
+    def add(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pyspark import TaskContext
+
+        index = _deserialize(shared.value)
+        parts = []
+        for b in batches:
+            if not len(b):
+                continue
+            names = b["image_id"].tolist()
+            ids = vector_ids(names)
+            index.add_with_ids(unit_rows(np.stack(b["embedding"].to_numpy())), ids)
+            parts.append(_ids_table(ids, names, b["sha256"].tolist(), "add"))
+        if not parts:
+            return
+        part = TaskContext.get().partitionId()  # type: ignore[union-attr]
+        for kind, data in (("index", _serialize(index)), ("ids", _parquet(pa.concat_tables(parts)))):
+            chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+            yield pd.DataFrame({"part": part, "kind": kind, "seq": range(len(chunks)), "data": chunks})
+
+    partials = rows.select("image_id", "sha256", "embedding").mapInPandas(
+        add, "part int, kind string, seq int, data binary").persist(StorageLevel.MEMORY_AND_DISK)  # type: ignore[arg-type]
+    try:
+        partials.count()
+        merged = _deserialize(trained)
+        tables = []
+        pieces: dict[tuple[int, str], list[bytes]] = {}
+        for row in partials.toLocalIterator(prefetchPartitions=True):
+            pieces.setdefault((row[0], row[1]), []).append(row[3])
+            if row[1] == "ids":  # a partition's index chunks come before its ids
+                index_bytes = b"".join(pieces.pop((row[0], "index"), []))
+                if index_bytes:
+                    merged.merge_from(_deserialize(index_bytes), 0)
+        for (_, kind), chunks in pieces.items():
+            if kind == "ids":
+                tables.append(pq.read_table(io.BytesIO(b"".join(chunks))))
+        empty = _ids_table(np.zeros(0, np.int64), [], [], "add")
+        return merged, pa.concat_tables([empty, *tables]) if tables else empty
+    finally:
+        partials.unpersist()
+        shared.unpersist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# manifest, build, update
+
+
+@dataclass
+class Manifest:
+    """What an index folder holds; written last by every build or update."""
+
+    model_key: str
+    table: str
+    version: int
+    type: str
+    nlist: int
+    dim: int
+    trained: str
+    base_rows: int
+    rows: int
+    changed_since_base: int = 0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    built_at: float = 0.0
+    updated_at: float = 0.0
+    format: int = FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes) -> Manifest:
+        return Manifest(**json.loads(data))
+
+
+def read_manifest(store: Store) -> Manifest | None:
+    """The index's manifest, or None when there is no index yet."""
+    data = store.read("manifest.json")
+    if data is None:
+        return None
+    try:
+        manifest = Manifest.from_json(data)
+    except (ValueError, TypeError) as exc:
+        raise VectorIndexError(f"the index manifest {store.location}/manifest.json is unreadable: {exc}") from exc
+    if manifest.format != FORMAT:
+        raise VectorIndexError(f"the index at {store.location} has format {manifest.format}, this release reads "
+                          f"{FORMAT}: rebuild it with `image-embeddings index --full`")
+    return manifest
+
+
+def build_index(spark: SparkSession, config: AppConfig, version: int, reason: str) -> dict[str, Any]:
+    """Train on a sample of the rows at ``version`` and fill a new base segment; replaces the previous index."""
+    started = time.perf_counter()
+    settings = config.index
+    rows, key = model_table(spark, config, version)
+    store = store_for(config, key)
+    previous = read_manifest(store)
+    n = rows.count()
+    kind = choose_type(n, settings)
+    nlist = min(list_count(kind, n), max(1, n))
+    # faiss wants about 40 points per list; product quantizers 10,000 or so; an exact index needs none.
+    sample_size = 1 if kind == "flat" else min(n, settings.train_rows, max(40 * nlist, 10_000))
+    sample = rows.sample(fraction=min(1.0, 1.2 * sample_size / max(n, 1)), seed=17).limit(sample_size)
+    training = np.concatenate([v for _, _, v in vector_batches(sample)] or [np.zeros((0, 0), np.float32)])
+    if not len(training):  # a sampled fraction of a tiny sample can come back empty
+        training = np.concatenate([v for _, _, v in vector_batches(rows.limit(sample_size))]
+                                  or [np.zeros((0, 0), np.float32)])
+    if not len(training):
+        raise VectorIndexError(f"the embeddings table {config.output.embeddings_table} has no embedded rows for "
+                          f"model {key} at version {version}")
+    dim = training.shape[1]
+    index = new_index(kind, dim, nlist)
+    index.train(training)
+    trained = _serialize(index)
+    merged, ids = fill(spark, rows, trained)
+    _check_unique(ids)
+    name = f"base-v{version}"
+    store.write(f"{name}.trained.faiss", trained)
+    store.write(f"{name}.faiss", _serialize(merged))
+    store.write(f"{name}.ids.parquet", _parquet(ids))
+    now = time.time()
+    manifest = Manifest(model_key=key, table=config.output.embeddings_table, version=version, type=kind,
+                        nlist=nlist, dim=dim, trained=f"{name}.trained.faiss", base_rows=int(merged.ntotal),
+                        rows=int(merged.ntotal), segments=[{"name": name, "added": int(merged.ntotal), "removed": 0,
+                                                            "from_version": None, "to_version": version}],
+                        built_at=now, updated_at=now)
+    store.write("manifest.json", manifest.to_json())
+    _drop_unreferenced(store, manifest, previous)
+    seconds = time.perf_counter() - started
+    log.info("index built for model %s at table version %d: %s, %d rows, %d lists, %.1f s (%s)", key, version,
+             kind, merged.ntotal, nlist, seconds, reason)
+    return {"action": "built", "reason": reason, "model_key": key, "version": version, "type": kind,
+            "rows": int(merged.ntotal), "nlist": nlist, "elapsed_s": round(seconds, 3), "location": store.location,
+            "bytes": sum(len(store.read(n) or b"") for n in _files(manifest))}
+
+
+def _check_unique(ids: Any) -> None:
+    import pyarrow.compute as pc
+
+    if len(pc.unique(ids.column("id"))) != ids.num_rows:
+        raise VectorIndexError("two image_ids share a 63-bit vector id (or an image_id is duplicated for one model); "
+                          "the index cannot tell them apart")
+
+
+def _files(manifest: Manifest) -> list[str]:
+    names = [manifest.trained]
+    for segment in manifest.segments:
+        names += [f"{segment['name']}.faiss", f"{segment['name']}.ids.parquet"]
+    return names
+
+
+def _drop_unreferenced(store: Store, manifest: Manifest, previous: Manifest | None) -> None:
+    if previous is not None:
+        keep = set(_files(manifest))
+        store.delete([n for n in _files(previous) if n not in keep])
+
+
+def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> dict[str, Any]:
+    """Bring the index of this config's model to the embeddings table's current version.
+
+    Writes one segment with the changed image_ids (read from the change data feed since the covered version),
+    or a new base when asked (``full``), when there is none, when the feed cannot be read, or once the rows
+    changed since the base pass ``index.rebuild_fraction`` of it.
+    """
+    from pyspark.sql import functions as F
+
+    from image_embeddings.similar import config_key
+    from image_embeddings.tables import MAX_LITERAL_KEYS, in_ranges, key_ranges, read_changes, table_version
+
+    table = config.output.embeddings_table
+    version = table_version(spark, table)
+    if version is None:
+        raise VectorIndexError(f"there is no embeddings table at {table} yet: run stage 2 first")
+    key = config_key(config)
+    store = store_for(config, key)
+    manifest = read_manifest(store)
+    if full:
+        return build_index(spark, config, version, "asked for (--full)")
+    if manifest is None:
+        return build_index(spark, config, version, "no index yet")
+    if manifest.version == version:
+        return {"action": "fresh", "model_key": key, "version": version, "type": manifest.type,
+                "rows": manifest.rows, "location": store.location}
+    if manifest.version > version:
+        return build_index(spark, config, version, f"the index covers version {manifest.version}, newer than "
+                                                   f"the table's {version} (table restored?)")
+    started = time.perf_counter()
+    changes = read_changes(spark, table, manifest.version, version,
+                           ("image_id", "model_key", "_change_type", "_commit_version", "embedding"))
+    if changes is None:
+        return build_index(spark, config, version, f"the change feed after version {manifest.version} is "
+                                                   "unreadable")
+    try:
+        found = (changes.where(F.col("model_key") == key)
+                 .select("image_id", "_change_type", "_commit_version", F.col("embedding").isNotNull())
+                 .limit(4 * MAX_LITERAL_KEYS + 1).collect())
+    finally:
+        changes.unpersist()
+    before = existed_before([(r[0], r[1], int(r[2]), bool(r[3])) for r in found])
+    touched = sorted(before)
+    if len(found) > 4 * MAX_LITERAL_KEYS or len(touched) > MAX_LITERAL_KEYS:
+        return build_index(spark, config, version, f"more than {MAX_LITERAL_KEYS:,} image_ids changed")
+    if manifest.changed_since_base + len(touched) > config.index.rebuild_fraction * max(manifest.base_rows, 1):
+        return build_index(spark, config, version, f"{manifest.changed_since_base + len(touched)} rows changed "
+                                                   f"since the base of {manifest.base_rows} rows (threshold "
+                                                   f"{config.index.rebuild_fraction:.0%})")
+    name = f"delta-v{manifest.version}-v{version}"
+    added = 0
+    if touched:
+        import pyarrow as pa
+
+        trained = store.read(manifest.trained)
+        if trained is None:
+            return build_index(spark, config, version, f"the trained index {manifest.trained} is missing")
+        rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
+        current = rows.where(in_ranges("image_id", key_ranges(touched)) & F.col("image_id").isin(touched))
+        delta, ids = fill(spark, current.coalesce(max(1, len(touched) // 50_000)), trained)
+        _check_unique(ids)
+        removed = _ids_table(vector_ids(touched), touched, [None] * len(touched), "remove")
+        store.write(f"{name}.faiss", _serialize(delta))
+        store.write(f"{name}.ids.parquet", _parquet(pa.concat_tables([removed, ids])))
+        added = int(delta.ntotal)
+        manifest.segments.append({"name": name, "added": added, "removed": len(touched),
+                                  "from_version": manifest.version, "to_version": version})
+        manifest.rows += added - sum(before.values())
+    previous_version = manifest.version
+    manifest.version = version
+    manifest.changed_since_base += len(touched)
+    manifest.updated_at = time.time()
+    store.write("manifest.json", manifest.to_json())
+    seconds = time.perf_counter() - started
+    log.info("index of model %s updated from table version %d to %d: %d image_ids changed, %d vectors added, "
+             "%.1f s", key, previous_version, version, len(touched), added, seconds)
+    return {"action": "updated" if touched else "fresh", "model_key": key, "from_version": previous_version,
+            "version": version, "type": manifest.type, "changed": len(touched), "added": added,
+            "rows": manifest.rows, "elapsed_s": round(seconds, 3), "location": store.location,
+            "segments": len(manifest.segments)}
+
+
+ORDER = {"update_preimage": 0, "delete": 0, "insert": 1, "update_postimage": 1}
+
+
+def existed_before(changes: list[tuple[str, str, int, bool]]) -> dict[str, bool]:
+    """For each image_id in the change feed rows (image_id, change type, version, has embedding): whether it had
+    an embedding before the first of its changes (then its first row is a preimage or a delete)."""
+    first: dict[str, tuple[int, int, str, bool]] = {}
+    for image_id, kind, version, has in changes:
+        entry = (version, ORDER.get(kind, 1), kind, has)
+        if image_id not in first or entry < first[image_id]:
+            first[image_id] = entry
+    return {i: e[2] in ("update_preimage", "delete") and e[3] for i, e in first.items()}
+
+
+def _read_ids(store: Store, name: str) -> Any:
+    import pyarrow.parquet as pq
+
+    data = store.read(f"{name}.ids.parquet")
+    if data is None:
+        raise VectorIndexError(f"the index at {store.location} lacks {name}.ids.parquet: rebuild it with "
+                          "`image-embeddings index --full`")
+    return pq.read_table(io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading and searching
+
+
+@dataclass
+class LoadedIndex:
+    """An index with its segments applied, ready to search."""
+
+    index: Any
+    manifest: Manifest
+    image_ids: pd.Series  # vector id -> image_id
+    sha256: pd.Series     # vector id -> sha256
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, list[list[str]], list[list[str | None]]]:
+        """Top-``k`` (scores, image_ids, sha256s) of each query row by cosine."""
+        q = unit_rows(queries)
+        scores, ids = self.index.search(q, k)
+        names, shas = [], []
+        for row in ids:
+            found = row[row >= 0]
+            names.append(self.image_ids.reindex(found).tolist())
+            shas.append(self.sha256.reindex(found).tolist())
+        return scores, names, shas
+
+    def within(self, queries: Any, threshold: float, limit: int) -> set[str]:
+        """The image_ids whose cosine to any query row exceeds ``threshold`` (at most ``limit`` per query, the
+        nearest first)."""
+        lims, scores, ids = self.index.range_search(unit_rows(queries), float(threshold))
+        found: set[str] = set()
+        for i in range(len(lims) - 1):
+            part_ids, part_scores = ids[lims[i]:lims[i + 1]], scores[lims[i]:lims[i + 1]]
+            if len(part_ids) > limit:
+                part_ids = part_ids[np.argsort(-part_scores, kind="stable")[:limit]]
+            found.update(self.image_ids.reindex(part_ids).dropna().tolist())
+        return found
+
+
+def load_index(store: Store, nprobe: int) -> LoadedIndex:
+    """Read the base and apply every later segment: its removals, then its additions."""
+    import pandas as pd
+
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise VectorIndexError(f"there is no index at {store.location}")
+    index = None
+    maps: list[pd.DataFrame] = []
+    for segment in manifest.segments:
+        data = store.read(f"{segment['name']}.faiss")
+        if data is None:
+            raise VectorIndexError(f"the index at {store.location} lacks {segment['name']}.faiss: rebuild it with "
+                              "`image-embeddings index --full`")
+        part = _deserialize(data)
+        ids = _read_ids(store, segment["name"]).to_pandas()
+        removed = ids.loc[ids["kind"] == "remove", "id"].to_numpy(np.int64)
+        if index is None:
+            index = part
+        else:
+            if len(removed):
+                index.remove_ids(removed)
+            index.merge_from(part, 0)
+        maps.append(ids[ids["kind"] == "add"])
+        if len(removed):
+            maps = [m[~m["id"].isin(removed)] for m in maps[:-1]] + [maps[-1]]
+    assert index is not None
+    index.nprobe = min(nprobe, manifest.nlist)
+    table = pd.concat(maps).drop_duplicates("id", keep="last").set_index("id")
+    return LoadedIndex(index, manifest, table["image_id"], table["sha256"])
+
+
+def is_fresh(spark: SparkSession, table: str, covered: int) -> tuple[bool, int]:
+    """Whether no commit after version ``covered`` changed rows (OPTIMIZE, VACUUM and property changes do not),
+    and the table's latest version. Reads the last 50 commit infos of the Delta log, no data."""
+    from delta.tables import DeltaTable
+
+    history = [(int(r[0]), str(r[1])) for r in
+               DeltaTable.forPath(spark, table).history(50).select("version", "operation").collect()]
+    latest = max(v for v, _ in history)
+    later = [op for v, op in history if v > covered]
+    if covered > latest or len(later) < latest - covered:  # restored, or more commits than were read
+        return False, latest
+    return all(op in NO_DATA_CHANGE for op in later), latest
+
+
+_LOADED: dict[tuple[str, int], LoadedIndex] = {}
+
+
+def cached_index(store: Store, version: int, nprobe: int) -> LoadedIndex:
+    """The index covering ``version``, loaded once per Python process (Spark reuses its Python workers)."""
+    key = (store.location, version)
+    if key not in _LOADED:
+        loaded = load_index(store, nprobe)
+        if loaded.manifest.version != version:
+            raise VectorIndexError(f"the index at {store.location} moved to table version "
+                                   f"{loaded.manifest.version} while a job expected {version}")
+        _LOADED.clear()
+        _LOADED[key] = loaded
+    return _LOADED[key]
+
+
+def run_index(spark: SparkSession, config: AppConfig, full: bool = False, run_id: str | None = None,
+              report_file: str | None = None, run_date: str | None = None) -> Any:
+    """:func:`update_index` with a run report (also appended to the runs table)."""
+    from image_embeddings.report import run_reported
+
+    def work(report: Any) -> None:
+        with report.step("index"):
+            report.metrics.update(update_index(spark, config, full=full))
+
+    return run_reported("index", work, spark, config.output.runs_table, run_id, report_file, run_date, rate=None)
+
+
+def index_line(metrics: dict[str, Any]) -> str:
+    """One line saying what ``image-embeddings index`` did."""
+    what = {"built": f"built ({metrics.get('reason')})", "updated": "updated", "fresh": "already fresh"}
+    line = (f"index {what.get(metrics['action'], metrics['action'])}: {metrics['type']}, {metrics['rows']:,} rows "
+            f"of model {metrics['model_key']}, table version {metrics['version']}")
+    if metrics["action"] == "updated":
+        line += f" (from {metrics['from_version']}: {metrics['changed']:,} image_ids changed, " \
+                f"{metrics['added']:,} vectors added, {metrics['segments']} segments)"
+    if "bytes" in metrics:
+        line += f", {metrics['bytes'] / 1e6:,.1f} MB"
+    if "elapsed_s" in metrics:
+        line += f", {metrics['elapsed_s']:.1f} s"
+    return f"{line}; at {metrics['location']}"
