@@ -58,10 +58,12 @@ clean:
 # functions against the article's UDF bodies, then the whole pipeline on 2,000 and on 600 photos, three peers each in
 # a fresh process (the article's two Spark scripts, ours, the article's Daft pipeline; Daft's output checked against
 # ours) and each of our stages' rate inside Spark against its function's on the same 2 cores. Then the
-# nightly-scale benchmark (N=1,000 and 4,000 photos, 20 changed; appends to bench/results/nightly.md; 12-15 min idle).
+# nightly-scale benchmark (N=1,000 and 4,000 photos, 20 changed; appends to bench/results/nightly.md; 12-15 min idle),
+# then similarity search on 300,000 synthetic embeddings: the index against exact search (bench/results/similarity.md).
 bench: setup $(VENV)/.bench-installed
 	$(PY) bench/run.py
 	$(PY) bench/nightly.py
+	$(PY) bench/similarity.py
 
 # Daft and deltalake for the benchmark's Daft peer (the `bench` extra): not installed for `make test`. After
 # `setup` (order only: a phony target), so the two pip installs never run at once, even with -j.
