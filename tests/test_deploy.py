@@ -87,14 +87,20 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
     embed_args = steps[1]["HadoopJarStep"]["Args"]
     assert "s3://my-bucket/image-embeddings/dist/env-embed.tar.gz#environment" in embed_args
     assert embed_args[-5] == "s3://my-bucket/image-embeddings/jobs/embed_images.py"
-    # Maintenance after embed, without torch (the stage 1 environment), never cancelling what follows.
-    maintain_args = steps[2]["HadoopJarStep"]["Args"]
-    assert steps[2]["Name"] == "image-embeddings maintain 2026-11-23"
+    # The index and neighbours table right after embed, in stage 2's environment (torch for the model key, faiss).
+    neighbours_args = steps[2]["HadoopJarStep"]["Args"]
+    assert steps[2]["Name"] == "image-embeddings neighbours 2026-11-23"
+    assert "s3://my-bucket/image-embeddings/dist/env-embed.tar.gz#environment" in neighbours_args
+    assert neighbours_args[-5:] == ["s3://my-bucket/image-embeddings/jobs/index_embeddings.py", "--config",
+                                    "emr.yaml", "--run-date", "2026-11-23"]
+    # Maintenance after them, without torch (the stage 1 environment), never cancelling what follows.
+    maintain_args = steps[3]["HadoopJarStep"]["Args"]
+    assert steps[3]["Name"] == "image-embeddings maintain 2026-11-23"
     assert "s3://my-bucket/image-embeddings/dist/env-ingest.tar.gz#environment" in maintain_args
     assert maintain_args[-5:] == ["s3://my-bucket/image-embeddings/jobs/maintain_tables.py", "--config", "emr.yaml",
                                   "--run-date", "2026-11-23"]
-    assert (REPO / "jobs" / "maintain_tables.py").exists()
-    assert [s["ActionOnFailure"] for s in steps] == ["CANCEL_AND_WAIT", "CONTINUE", "CONTINUE"]
+    assert (REPO / "jobs" / "maintain_tables.py").exists() and (REPO / "jobs" / "index_embeddings.py").exists()
+    assert [s["ActionOnFailure"] for s in steps] == ["CANCEL_AND_WAIT", "CONTINUE", "CONTINUE", "CONTINUE"]
 
     cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
     classes = {c["Classification"]: c for c in cluster["Configurations"]}
@@ -125,6 +131,30 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
+@pytest.mark.parametrize(("job", "command"), [
+    ("ingest_images.py", "ingest"), ("embed_images.py", "embed"), ("index_embeddings.py", "neighbours"),
+    ("maintain_tables.py", "maintain")])
+def test_spark_submit_entry_points_call_the_command_with_the_config(job: str, command: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    import image_embeddings.cli
+    from image_embeddings.cli import build_parser
+    from image_embeddings.deploy import _JOBS, STAGES
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(image_embeddings.cli, "main", lambda argv: calls.append(list(argv)) or 7)
+    monkeypatch.setattr(sys, "argv", [job, "--config", "emr.yaml", "--run-date", "2026-11-23"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "jobs" / job), run_name="__main__")
+    assert exited.value.code == 7, "the command's exit code is the job's"
+    assert calls == [[command, "--config", "emr.yaml", "--run-date", "2026-11-23"]]
+    args = build_parser().parse_args(calls[0])
+    assert (args.command, args.config, args.run_date) == (command, "emr.yaml", "2026-11-23")
+    if command in STAGES:  # the stage's EMR step runs this file
+        assert _JOBS[command] == job
+
+
 def test_databricks_job_definition() -> None:
     import tomllib
 
@@ -139,10 +169,17 @@ def test_databricks_job_definition() -> None:
     assert clusters["gpu"]["spark_conf"]["spark.task.resource.gpu.amount"] == "0.5"
     assert "gpu" not in clusters["maintenance"]["spark_version"]
     tasks = {t["task_key"]: t for t in job["tasks"]}
-    assert list(tasks) == ["ingest", "embed", "maintain"]
-    assert [tasks[k]["job_cluster_key"] for k in tasks] == ["cpu", "gpu", "maintenance"]
+    assert list(tasks) == ["ingest", "embed", "neighbours", "maintain"]
+    # The neighbours run on embed's cluster (the ML runtime's torch), maintenance on its own, both after embed.
+    assert [tasks[k]["job_cluster_key"] for k in tasks] == ["cpu", "gpu", "gpu", "maintenance"]
     assert tasks["embed"]["depends_on"] == [{"task_key": "ingest"}]
+    assert tasks["neighbours"]["depends_on"] == [{"task_key": "embed"}]
     assert tasks["maintain"]["depends_on"] == [{"task_key": "embed"}]
+    # faiss comes from PyPI with the [embed] extra's requirement (the wheel library brings only the base install).
+    embed_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["embed"]
+    faiss = next(r for r in embed_extra if r.startswith("faiss-cpu"))
+    assert tasks["neighbours"]["libraries"][1:] == [{"pypi": {"package": faiss}}]
+    assert [len(tasks[k]["libraries"]) for k in ("ingest", "embed", "maintain")] == [1, 1, 1]
     for stage, task in tasks.items():
         wheel_task = task["python_wheel_task"]
         assert wheel_task["entry_point"] in scripts
@@ -171,13 +208,17 @@ def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
 
     emr = _airflow_probe(tmp_path)
     assert emr["import_errors"] == {} and emr["dags"] == ["image_embeddings_nightly"]
+    # neighbours and maintain both after embed, neither waiting for the other.
     assert emr["tasks"] == {"wait_for_upload": ["ingest"], "ingest": ["ingest_done"], "ingest_done": ["embed"],
-                            "embed": ["embed_done"], "embed_done": ["maintain"], "maintain": ["maintain_done"],
-                            "maintain_done": []}
+                            "embed": ["embed_done"], "embed_done": ["maintain", "neighbours"],
+                            "neighbours": ["neighbours_done"], "neighbours_done": [],
+                            "maintain": ["maintain_done"], "maintain_done": []}
     assert set(emr["retries"].values()) == {2} and set(emr["timeouts"].values()) == {6 * 3600.0}
     steps = emr_steps("s3://my-bucket/image-embeddings", "2026-11-23")
     assert emr["rendered"]["ingest.steps"] == [steps[0]] and emr["rendered"]["embed.steps"] == [steps[1]]
-    assert emr["rendered"]["maintain.steps"] == [steps[2]]
+    assert emr["rendered"]["neighbours.steps"] == [steps[2]] and emr["rendered"]["maintain.steps"] == [steps[3]]
+    assert emr["rendered"]["neighbours.steps"][0]["HadoopJarStep"]["Args"][-5] == (
+        "s3://my-bucket/image-embeddings/jobs/index_embeddings.py")
     assert emr["rendered"]["wait_for_upload.bucket_key"] == "raw-images/2026-11-23/*"
 
     settings = yaml.safe_load((REPO / "deploy" / "airflow" / "settings.yaml").read_text())
@@ -185,7 +226,8 @@ def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
     del settings["upload_sensor"]
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
     dbx = _airflow_probe(tmp_path, tmp_path / "settings.yaml")
-    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": ["maintain"], "maintain": []}
+    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": ["maintain", "neighbours"],
+                                                            "neighbours": [], "maintain": []}
     run = dbx["rendered"]["embed.json"]
     task = run["tasks"][0]
     assert run["run_name"] == "image-embeddings embed 2026-11-23"
@@ -195,3 +237,10 @@ def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
     assert maintain["python_wheel_task"]["parameters"] == [
         "maintain", "--config", "/Workspace/Shared/image-embeddings/conf/databricks.yaml", "--run-date", "2026-11-23"]
     assert "gpu" not in maintain["new_cluster"]["spark_version"] and "depends_on" not in maintain
+    neighbours_run = dbx["rendered"]["neighbours.json"]
+    neighbours = neighbours_run["tasks"][0]
+    assert neighbours_run["run_name"] == "image-embeddings neighbours 2026-11-23"
+    assert neighbours["python_wheel_task"]["parameters"] == [
+        "neighbours", "--config", "/Workspace/Shared/image-embeddings/conf/databricks.yaml", "--run-date", "2026-11-23"]
+    assert neighbours["new_cluster"] == task["new_cluster"], "embed's (GPU) cluster"
+    assert {"pypi": {"package": "faiss-cpu>=1.8,<2"}} in neighbours["libraries"] and "depends_on" not in neighbours

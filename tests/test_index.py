@@ -164,6 +164,9 @@ def test_neighbours_table_full_then_incremental(spark: Any, make_config: Any, tm
                       for i, found in table.items()])
     assert recall >= 0.95, f"every list matches exact search after the update (recall {recall:.3f})"
     assert run_neighbours(spark, config, k=5)["action"] == "fresh"
+    other = run_neighbours(spark, config, k=3)
+    assert (other["action"], other["reason"], other["rows_written"]) == ("full", "k changed from 5", 806)
+    assert {len(r[0]) for r in spark.read.format("delta").load(path).select("neighbours").collect()} == {3}
 
 
 def test_index_on_s3_and_the_commands(spark: Any, make_config: Any, s3_server: Any, tmp_path: Path,

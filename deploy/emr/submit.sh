@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Submit the nightly steps (ingest, then embed) to a running EMR cluster:
+# Submit the nightly steps (ingest, embed, neighbours, maintain; image_embeddings.deploy.emr_steps) to a running
+# EMR cluster:
 #   deploy/emr/submit.sh CLUSTER_ID S3_PREFIX RUN_DATE
 # S3_PREFIX holds what `make dist` built and the repo's jobs/ and conf/ (upload them first, e.g.
 #   aws s3 cp dist/ S3_PREFIX/dist/ --recursive; aws s3 cp jobs/ S3_PREFIX/jobs/ --recursive;

@@ -1,7 +1,9 @@
 """Deployment definitions built in one place: EMR steps (exact spark-submit arguments), the Databricks job.
 
-Each night runs ingest, then embed, then table maintenance (OPTIMIZE and VACUUM). Maintenance never changes a
-table's rows and its failure leaves the data as it was, so it never holds back the data steps or the next night.
+Each night runs ingest, then embed, then two steps that each follow embed: ``neighbours`` (the nearest-neighbour
+index and the neighbours table, brought to the embeddings table's new version) and table maintenance (OPTIMIZE and
+VACUUM). Neither changes the embeddings table's rows, and a failure of either leaves the data as it was, so neither
+holds back the other, the data steps or the next night.
 
 The files under ``deploy/`` are rendered from these functions (a test checks they match), and the Airflow
 DAG calls them, so the arguments a cluster receives cannot drift apart. Nothing here imports Spark or torch.
@@ -21,19 +23,27 @@ from typing import Any
 from image_embeddings import __version__
 
 WHEEL = f"spark_image_embeddings-{__version__}-py3-none-any.whl"
-STAGES = ("ingest", "embed", "maintain")
-_JOBS = {"ingest": "ingest_images.py", "embed": "embed_images.py", "maintain": "maintain_tables.py"}
+STAGES = ("ingest", "embed", "neighbours", "maintain")
+# The stage each one runs after (Databricks' depends_on, the Airflow DAG's edges); EMR runs its steps in this order.
+UPSTREAM = {"embed": "ingest", "neighbours": "embed", "maintain": "embed"}
+_JOBS = {"ingest": "ingest_images.py", "embed": "embed_images.py", "neighbours": "index_embeddings.py",
+         "maintain": "maintain_tables.py"}
+# Stages that need the stage 2 environment: torch (the model key comes from the weights) and faiss ([embed]).
+EMBED_ENV_STAGES = ("embed", "neighbours")
+# Databricks: what a stage needs beyond the wheel and the runtime (the ML GPU runtime brings torch, not faiss).
+_EXTRA_LIBRARIES: dict[str, list[dict[str, Any]]] = {"neighbours": [{"pypi": {"package": "faiss-cpu>=1.8,<2"}}]}
 
 
 def spark_submit_args(stage: str, s3_prefix: str, run_date: str, config: str = "emr.yaml") -> list[str]:
     """The spark-submit command of one stage on EMR (cluster mode, the packed environment from S3).
 
-    Maintenance needs no torch: it runs with the stage 1 environment.
+    ``neighbours`` runs with the stage 2 environment (torch and faiss-cpu, the ``[embed]`` extra); maintenance
+    needs neither: it runs with the stage 1 environment.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     prefix = s3_prefix.rstrip("/")
-    env = "env-embed" if stage == "embed" else "env-ingest"
+    env = "env-embed" if stage in EMBED_ENV_STAGES else "env-ingest"
     job = _JOBS[stage]
     return [
         "spark-submit", "--deploy-mode", "cluster",
@@ -47,10 +57,10 @@ def spark_submit_args(stage: str, s3_prefix: str, run_date: str, config: str = "
 
 
 def emr_steps(s3_prefix: str, run_date: str, config: str = "emr.yaml") -> list[dict[str, Any]]:
-    """The three EMR steps (``aws emr add-steps --steps file://...`` and Airflow's EmrAddStepsOperator).
+    """The four EMR steps (``aws emr add-steps --steps file://...`` and Airflow's EmrAddStepsOperator).
 
-    A failed ingest cancels the steps behind it; a failed embed or maintenance step lets the cluster go on (the
-    tables keep their last good version), and the cluster stays up for the next night.
+    A failed ingest cancels the steps behind it; a failed embed, neighbours or maintenance step lets the cluster go
+    on (the tables keep their last good version), and the cluster stays up for the next night.
     """
     return [{
         "Name": f"image-embeddings {stage} {run_date}",
@@ -61,7 +71,11 @@ def emr_steps(s3_prefix: str, run_date: str, config: str = "emr.yaml") -> list[d
 
 def databricks_task(stage: str, workspace_dir: str, run_date: str, cluster_key: str | None = None,
                     wheel: str | None = None) -> dict[str, Any]:
-    """One Databricks task: the console entry point of the wheel (``python_wheel_task``)."""
+    """One Databricks task: the console entry point of the wheel (``python_wheel_task``).
+
+    ``neighbours`` also installs faiss-cpu from PyPI (the ``[embed]`` extra's; a wheel library brings only the base
+    dependencies, and the ML runtime brings torch).
+    """
     task: dict[str, Any] = {
         "task_key": stage,
         "python_wheel_task": {
@@ -69,14 +83,14 @@ def databricks_task(stage: str, workspace_dir: str, run_date: str, cluster_key: 
             "entry_point": "image-embeddings",
             "parameters": [stage, "--config", f"{workspace_dir}/conf/databricks.yaml", "--run-date", run_date],
         },
-        "libraries": [{"whl": wheel or f"{workspace_dir}/dist/{WHEEL}"}],
+        "libraries": [{"whl": wheel or f"{workspace_dir}/dist/{WHEEL}"}, *_EXTRA_LIBRARIES.get(stage, [])],
         "timeout_seconds": 6 * 3600,
         "max_retries": 2,
         "min_retry_interval_millis": 10 * 60 * 1000,
     }
     if cluster_key:
         task["job_cluster_key"] = cluster_key
-    previous = {"embed": "ingest", "maintain": "embed"}.get(stage)
+    previous = UPSTREAM.get(stage)
     if previous:
         task["depends_on"] = [{"task_key": previous}]
     return task
@@ -92,7 +106,8 @@ def _cpu_cluster(num_workers: int) -> dict[str, Any]:
 
 
 def databricks_job(workspace_dir: str, run_date: str = "{{job.start_time.iso_date}}") -> dict[str, Any]:
-    """A Jobs API 2.1 job: ingest on a CPU job cluster, embed on a GPU job cluster, then maintenance, nightly.
+    """A Jobs API 2.1 job: ingest on a CPU job cluster, embed on a GPU job cluster, then the neighbours (on the GPU
+    cluster, with embed's environment) and maintenance, both after embed, nightly.
 
     Maintenance gets a small CPU cluster of its own: a job cluster lives until the last task using it ends, so
     sharing stage 1's would keep it idle through the embedding.
@@ -111,6 +126,7 @@ def databricks_job(workspace_dir: str, run_date: str = "{{job.start_time.iso_dat
         ],
         "tasks": [databricks_task("ingest", workspace_dir, run_date, "cpu"),
                   databricks_task("embed", workspace_dir, run_date, "gpu"),
+                  databricks_task("neighbours", workspace_dir, run_date, "gpu"),
                   databricks_task("maintain", workspace_dir, run_date, "maintenance")],
     }
 

@@ -97,7 +97,10 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     store = store_for(config, key)
     path = config.index.neighbours_for(config.output.embeddings_table)
     nprobe = config.index.nprobe
-    state = commit_state(spark, path, lambda s: s.get("model_key") == key and s.get("k") == k)
+    state = commit_state(spark, path, lambda s: s.get("model_key") == key)
+    other_k = None if state is None or state[1].get("k") == k else state[1].get("k")
+    if other_k is not None:  # every row holds lists of another length: all of them are rewritten
+        state = None
     metadata: dict[str, Any] = {"model_key": key, "k": k, "embeddings_version": version}
     rows, _ = model_table(spark, config, version, check=False)
     result: dict[str, Any] = {"table": path, "model_key": key, "k": k, "version": version, "index": index}
@@ -114,7 +117,8 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
         metadata["floor"] = -1.0 if floor is None else float(floor)
         overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata)
         found.unpersist()
-        reason = "asked for (--full)" if full else "no earlier run" if since is None else "change feed unreadable"
+        reason = ("asked for (--full)" if full else f"k changed from {other_k}" if other_k is not None
+                  else "no earlier run" if since is None else "change feed unreadable")
         log.info("neighbours of %d images of model %s written (k=%d, every row: %s)", written, key, k, reason)
         return {**result, "action": "full", "reason": reason, "rows_written": written,
                 "elapsed_s": round(time.perf_counter() - started, 3)}
