@@ -319,6 +319,20 @@ def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any
         shared.unpersist()
 
 
+LOCAL_FILL_ROWS = 50_000  # up to this many changed rows (400 MB of 2048-d vectors) an update adds them on the driver
+
+
+def fill_local(rows: DataFrame, trained: bytes) -> tuple[Any, Any]:
+    """:func:`fill` on the driver: the rows collected over Arrow (no Python worker), added to the trained index."""
+    index = _deserialize(trained)
+    frame: Any = rows.select("image_id", "sha256", "embedding").toPandas()
+    names = frame["image_id"].tolist()
+    ids = vector_ids(names)
+    if names:
+        index.add_with_ids(unit_rows(np.stack(frame["embedding"].to_numpy())), ids)
+    return index, _ids_table(ids, names, frame["sha256"].tolist(), "add")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # manifest, build, update
 
@@ -442,7 +456,7 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
     from pyspark.sql import functions as F
 
     from image_embeddings.similar import config_key
-    from image_embeddings.tables import MAX_LITERAL_KEYS, in_ranges, key_ranges, read_changes, table_version
+    from image_embeddings.tables import MAX_LITERAL_KEYS, in_ranges, key_ranges, table_version
 
     table = config.output.embeddings_table
     version = table_version(spark, table)
@@ -462,17 +476,15 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
         return build_index(spark, config, version, f"the index covers version {manifest.version}, newer than "
                                                    f"the table's {version} (table restored?)")
     started = time.perf_counter()
-    changes = read_changes(spark, table, manifest.version, version,
-                           ("image_id", "model_key", "_change_type", "_commit_version", "embedding"))
-    if changes is None:
-        return build_index(spark, config, version, f"the change feed after version {manifest.version} is "
-                                                   "unreadable")
-    try:
-        found = (changes.where(F.col("model_key") == key)
+    try:  # one job: the feed's rows of this model, small (the night's changes)
+        found = (spark.read.format("delta").option("readChangeFeed", "true")
+                 .option("startingVersion", manifest.version + 1).option("endingVersion", version).load(table)
+                 .where(F.col("model_key") == key)
                  .select("image_id", "_change_type", "_commit_version", F.col("embedding").isNotNull())
                  .limit(4 * MAX_LITERAL_KEYS + 1).collect())
-    finally:
-        changes.unpersist()
+    except Exception as exc:  # not enabled for those versions, or vacuumed
+        return build_index(spark, config, version, f"the change feed after version {manifest.version} is "
+                                                   f"unreadable: {str(exc).splitlines()[0][:200]}")
     before = existed_before([(r[0], r[1], int(r[2]), bool(r[3])) for r in found])
     touched = sorted(before)
     if len(found) > 4 * MAX_LITERAL_KEYS or len(touched) > MAX_LITERAL_KEYS:
@@ -491,7 +503,10 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
             return build_index(spark, config, version, f"the trained index {manifest.trained} is missing")
         rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
         current = rows.where(in_ranges("image_id", key_ranges(touched)) & F.col("image_id").isin(touched))
-        delta, ids = fill(spark, current.coalesce(max(1, len(touched) // 50_000)), trained)
+        if len(touched) <= LOCAL_FILL_ROWS:  # one Arrow collect, no Python worker: a night's rows
+            delta, ids = fill_local(current, trained)
+        else:
+            delta, ids = fill(spark, current, trained)
         _check_unique(ids)
         removed = _ids_table(vector_ids(touched), touched, [None] * len(touched), "remove")
         store.write(f"{name}.faiss", _serialize(delta))
