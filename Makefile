@@ -42,10 +42,11 @@ dist: setup
 demo: setup
 	$(PY) scripts/demo.py --config conf/local.yaml
 
-# Two pytest workers: much of a test's time is spent waiting on Spark's scheduling, JVM starts and subprocesses.
+# Three pytest workers on 2 cores: a clean-clone run used about 30% of both cores with two; much of a test's time is
+# spent waiting on Spark's scheduling, JVM starts and subprocesses.
 # Tests that start clusters or whole pipelines in processes of their own share one worker (xdist_group).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 3 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests jobs scripts
