@@ -44,7 +44,8 @@ demo: setup
 
 # Three pytest workers on 2 cores: a clean-clone run used about 30% of both cores with two; much of a test's time is
 # spent waiting on Spark's scheduling, JVM starts and subprocesses.
-# Tests that start clusters or whole pipelines in processes of their own share one worker (xdist_group).
+# The two tests that kill or time Python workers (cluster, notebook) share one worker, the two that run whole pipelines
+# in processes of their own (demo, spark-submit) another (xdist_group): neither pair overlaps itself.
 test: setup
 	$(PY) -m pytest -n 3 --dist loadgroup
 

@@ -31,7 +31,7 @@ def _spark_submit(job: str, python: str, sets: list[str], report: Path, extra: t
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 
 
-@pytest.mark.xdist_group("processes")
+@pytest.mark.xdist_group("pipelines")
 def test_both_jobs_under_spark_submit_one_with_the_packed_environment(tmp_path: Path) -> None:
     built = subprocess.run(["bash", str(REPO / "scripts" / "build_dist.sh")], capture_output=True, text=True,
                            timeout=900, cwd=REPO, env={**os.environ, "PY": sys.executable})

@@ -115,7 +115,7 @@ def test_rerun_one_day_leaves_other_days_alone(spark: Any, make_config: Any, tmp
     assert sorted(r.run_date for r in runs) == ["2026-11-22", "2026-11-23", "2026-11-23"]
 
 
-@pytest.mark.xdist_group("processes")
+@pytest.mark.xdist_group("pipelines")
 def test_demo_prints_the_summary_and_neighbours(tmp_path: Path) -> None:
     sets = [f"input.images={tmp_path}/sample/images", f"input.sales={tmp_path}/sample/sales",
             f"output.images_table={tmp_path}/delta/images", f"output.embeddings_table={tmp_path}/delta/embeddings",
