@@ -319,18 +319,26 @@ def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any
         shared.unpersist()
 
 
-LOCAL_FILL_ROWS = 50_000  # up to this many changed rows (400 MB of 2048-d vectors) an update adds them on the driver
+LOCAL_FILL_ROWS = 50_000  # up to this many change-feed rows (400 MB of 2048-d vectors) an update adds on the driver
 
 
-def fill_local(rows: DataFrame, trained: bytes) -> tuple[Any, Any]:
-    """:func:`fill` on the driver: the rows collected over Arrow (no Python worker), added to the trained index."""
+def fill_from_feed(feed: pd.DataFrame, trained: bytes) -> tuple[Any, Any]:
+    """:func:`fill` on the driver from change-feed rows (image_id, sha256, _change_type, _commit_version,
+    embedding): each image_id's last row, when it is an insert or a post-image with an embedding."""
     index = _deserialize(trained)
-    frame: Any = rows.select("image_id", "sha256", "embedding").toPandas()
-    names = frame["image_id"].tolist()
+    last: dict[str, tuple[tuple[int, int], Any, Any, str]] = {}
+    for image_id, sha, kind, version, embedding in zip(feed["image_id"], feed["sha256"], feed["_change_type"],
+                                                       feed["_commit_version"], feed["embedding"], strict=True):
+        order = (int(version), ORDER.get(kind, 1))
+        if image_id not in last or order >= last[image_id][0]:
+            last[image_id] = (order, sha, embedding, kind)
+    kept = [(i, sha, e) for i, (_, sha, e, kind) in sorted(last.items())
+            if kind in ("insert", "update_postimage") and e is not None]
+    names = [i for i, _, _ in kept]
     ids = vector_ids(names)
-    if names:
-        index.add_with_ids(unit_rows(np.stack(frame["embedding"].to_numpy())), ids)
-    return index, _ids_table(ids, names, frame["sha256"].tolist(), "add")
+    if kept:
+        index.add_with_ids(unit_rows(np.stack([np.asarray(e, dtype=np.float32) for _, _, e in kept])), ids)
+    return index, _ids_table(ids, names, [sha for _, sha, _ in kept], "add")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,12 +484,20 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
         return build_index(spark, config, version, f"the index covers version {manifest.version}, newer than "
                                                    f"the table's {version} (table restored?)")
     started = time.perf_counter()
-    try:  # one job: the feed's rows of this model, small (the night's changes)
-        found = (spark.read.format("delta").option("readChangeFeed", "true")
-                 .option("startingVersion", manifest.version + 1).option("endingVersion", version).load(table)
-                 .where(F.col("model_key") == key)
-                 .select("image_id", "_change_type", "_commit_version", F.col("embedding").isNotNull())
-                 .limit(4 * MAX_LITERAL_KEYS + 1).collect())
+    feed = (spark.read.format("delta").option("readChangeFeed", "true")
+            .option("startingVersion", manifest.version + 1).option("endingVersion", version).load(table)
+            .where(F.col("model_key") == key))
+    try:  # a night's changes: one Arrow collect of the feed, vectors included; more: their keys only
+        night: Any = feed.select("image_id", "sha256", "_change_type", "_commit_version", "embedding") \
+            .limit(LOCAL_FILL_ROWS + 1).toPandas()
+        found: list[Any]
+        if len(night) <= LOCAL_FILL_ROWS:
+            found = list(zip(night["image_id"], night["_change_type"], night["_commit_version"],
+                             night["embedding"].notna(), strict=True))
+        else:
+            night = None
+            found = feed.select("image_id", "_change_type", "_commit_version", F.col("embedding").isNotNull()) \
+                .limit(4 * MAX_LITERAL_KEYS + 1).collect()
     except Exception as exc:  # not enabled for those versions, or vacuumed
         return build_index(spark, config, version, f"the change feed after version {manifest.version} is "
                                                    f"unreadable: {str(exc).splitlines()[0][:200]}")
@@ -501,12 +517,12 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
         trained = store.read(manifest.trained)
         if trained is None:
             return build_index(spark, config, version, f"the trained index {manifest.trained} is missing")
-        rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
-        current = rows.where(in_ranges("image_id", key_ranges(touched)) & F.col("image_id").isin(touched))
-        if len(touched) <= LOCAL_FILL_ROWS:  # one Arrow collect, no Python worker: a night's rows
-            delta, ids = fill_local(current, trained)
+        if night is not None:  # the feed's last image of each changed row is its current vector
+            delta, ids = fill_from_feed(night, trained)
         else:
-            delta, ids = fill(spark, current, trained)
+            rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
+            delta, ids = fill(spark, rows.where(in_ranges("image_id", key_ranges(touched)) &
+                                                F.col("image_id").isin(touched)), trained)
         _check_unique(ids)
         removed = _ids_table(vector_ids(touched), touched, [None] * len(touched), "remove")
         store.write(f"{name}.faiss", _serialize(delta))
