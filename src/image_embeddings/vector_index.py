@@ -33,6 +33,7 @@ import numpy as np
 
 from image_embeddings.config import AppConfig, IndexConfig
 from image_embeddings.uri import is_local, local_path, split_s3
+from image_embeddings.weights import S3Access, s3_client
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,17 +62,11 @@ class Store:
     def __init__(self, location: str, endpoint: str | None = None, region: str | None = None) -> None:
         self.location = location.rstrip("/")
         self._client: Any = None
-        self._endpoint, self._region = endpoint, region
+        self._access = S3Access(endpoint, region)
 
     def _s3(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client(
-                "s3", endpoint_url=self._endpoint, region_name=self._region,
-                config=Config(s3={"addressing_style": "path"} if self._endpoint else {},
-                              retries={"max_attempts": 5, "mode": "standard"}))
+            self._client = s3_client(self._access)
         return self._client
 
     def _key(self, name: str) -> tuple[str, str]:
@@ -414,9 +409,10 @@ def build_index(spark: SparkSession, config: AppConfig, version: int, reason: st
     merged, ids = fill(spark, rows, trained)
     _check_unique(ids)
     name = f"base-v{version}"
-    store.write(f"{name}.trained.faiss", trained)
-    store.write(f"{name}.faiss", _serialize(merged))
-    store.write(f"{name}.ids.parquet", _parquet(ids))
+    files = {f"{name}.trained.faiss": trained, f"{name}.faiss": _serialize(merged),
+             f"{name}.ids.parquet": _parquet(ids)}
+    for file_name, data in files.items():
+        store.write(file_name, data)
     now = time.time()
     manifest = Manifest(model_key=key, table=config.output.embeddings_table, version=version, type=kind,
                         nlist=nlist, dim=dim, trained=f"{name}.trained.faiss", base_rows=int(merged.ntotal),
@@ -430,7 +426,7 @@ def build_index(spark: SparkSession, config: AppConfig, version: int, reason: st
              kind, merged.ntotal, nlist, seconds, reason)
     return {"action": "built", "reason": reason, "model_key": key, "version": version, "type": kind,
             "rows": int(merged.ntotal), "nlist": nlist, "elapsed_s": round(seconds, 3), "location": store.location,
-            "bytes": sum(len(store.read(n) or b"") for n in _files(manifest))}
+            "bytes": sum(len(data) for data in files.values())}
 
 
 def _check_unique(ids: Any) -> None:

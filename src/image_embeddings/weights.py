@@ -118,11 +118,18 @@ class S3Access:
     region: str | None = None
 
 
-def fetch_s3(location: str, cache_dir: str, s3: S3Access) -> str:
-    """Download ``s3://bucket/key`` once per machine into ``cache_dir``; concurrent workers wait on a lock."""
+def s3_client(s3: S3Access) -> Any:
+    """A boto3 S3 client for ``s3`` (path-style addressing with a custom endpoint, standard retries)."""
     import boto3
     from botocore.config import Config
 
+    return boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region,
+                        config=Config(s3={"addressing_style": "path"} if s3.endpoint else {},
+                                      retries={"max_attempts": 5, "mode": "standard"}))
+
+
+def fetch_s3(location: str, cache_dir: str, s3: S3Access) -> str:
+    """Download ``s3://bucket/key`` once per machine into ``cache_dir``; concurrent workers wait on a lock."""
     try:
         bucket, key = uri.split_s3(location)
     except ValueError as exc:
@@ -130,9 +137,7 @@ def fetch_s3(location: str, cache_dir: str, s3: S3Access) -> str:
     folder = Path(cache_dir).expanduser() / hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / os.path.basename(key)
-    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region,
-                          config=Config(s3={"addressing_style": "path"} if s3.endpoint else {},
-                                        retries={"max_attempts": 5, "mode": "standard"}))
+    client = s3_client(s3)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
