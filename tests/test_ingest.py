@@ -257,3 +257,51 @@ def test_empty_folder_every_file_broken_and_missing_folder(spark: Any, make_conf
     missing = make_config(tmp_path / "no_such_folder", tmp_path / "sales", tables=tmp_path / "other")
     with pytest.raises(IngestError, match="input.images: cannot list"):
         run_ingest(spark, missing)
+
+
+def test_files_deleted_between_listing_and_reading_become_unreadable_rows(spark: Any, make_config: Any,
+                                                                           tmp_path: Path, monkeypatch: Any) -> None:
+    """A file deleted after the plan listed it: the run goes on, and the file gets an ``unreadable`` row (which a
+    later run retries or, once the file is gone from the listing too, removes)."""
+    import image_embeddings.ingest as ingest
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["astronaut", "coffee", "rocket", "camera", "chelsea"]
+    for name in names[:3]:
+        (folder / f"{name}.jpg").write_bytes(encode(photo(name)))
+    write_sales(tmp_path / "sales", names)
+    config = make_config(folder, tmp_path / "sales")
+    real_read = ingest.read_planned
+
+    def deleting(victim: str) -> Any:
+        def read(spark: Any, root: str, paths: list[str] | None, *args: Any, **kwargs: Any) -> Any:
+            (folder / victim).unlink()  # after the plan, before Spark reads
+            return real_read(spark, root, paths, *args, **kwargs)
+        return read
+
+    # Every listed file is new: the run reads the folder.
+    monkeypatch.setattr(ingest, "read_planned", deleting("rocket.jpg"))
+    first = run_ingest(spark, config)
+    files = key_by(spark, config.output.files_table_path, "path")
+    assert first.status == "succeeded" and first.metrics["errors"] == {"unreadable": 1}
+    assert files[f"file:{folder}/rocket.jpg"]["error"].startswith("unreadable: ")
+    assert {p for p, r in files.items() if r["error"] is None} == {f"file:{folder}/{n}.jpg" for n in names[:2]}
+
+    # Some files are known: the run reads a list of paths, one of which is gone by then.
+    for name in names[3:]:
+        (folder / f"{name}.jpg").write_bytes(encode(photo(name)))
+    monkeypatch.setattr(ingest, "read_planned", deleting("camera.jpg"))
+    second = run_ingest(spark, config)
+    files = key_by(spark, config.output.files_table_path, "path")
+    assert second.status == "succeeded" and second.metrics["files_decoded"] == 1
+    assert second.metrics["errors"] == {"unreadable": 1}
+    assert second.metrics["files_removed"] == 1 and f"file:{folder}/rocket.jpg" not in files  # no longer listed
+    assert files[f"file:{folder}/camera.jpg"]["error"].startswith("unreadable: ")
+    assert files[f"file:{folder}/chelsea.jpg"]["error"] is None
+
+    # Nothing deleted this time: the deleted file leaves the table, the others are untouched.
+    monkeypatch.setattr(ingest, "read_planned", real_read)
+    third = run_ingest(spark, config)
+    assert (third.metrics["files_removed"], third.metrics["files_decoded"], third.metrics["errors"]) == (1, 0, {})
+    assert set(key_by(spark, config.output.images_table, "image_id")) == {"astronaut", "coffee", "chelsea"}
