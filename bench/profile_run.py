@@ -145,16 +145,12 @@ def main() -> int:
 
     import subprocess
 
-    from run import jpegs  # type: ignore[import-not-found]
+    from run import photo_folder  # type: ignore[import-not-found]
 
-    from image_embeddings.sample import trained_like_weights, write_sales
+    from image_embeddings.sample import trained_like_weights
 
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    ids = [f"img{i:05d}" for i in range(args.photos)]
-    (work / "all" / "images").mkdir(parents=True)
-    write_sales(work / "all" / "sales", ids)
-    for image_id, data in zip(ids, jpegs((1600, 1200), args.photos), strict=True):
-        (work / "all" / "images" / f"{image_id}.jpg").write_bytes(data)
+    photo_folder(work / "all", args.photos)
     trained_like_weights(work / "weights.pth")
     child = subprocess.Popen([sys.executable, __file__, "--child", str(work), "--runs", str(args.runs)],
                              stdout=subprocess.PIPE, text=True, cwd=REPO)

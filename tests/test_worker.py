@@ -91,5 +91,6 @@ def test_a_prepared_worker_embeds_without_touching_fresh_memory_at_every_batch()
         assert done.returncode == 0, done.stderr[-3000:]
         return float(done.stdout.strip().splitlines()[-1])
 
-    prepared, plain = faults("prepared"), faults("plain")
-    assert prepared < 20, f"{prepared:.0f} page faults per image in a prepared worker ({plain:.0f} unprepared)"
+    prepared = faults("prepared")  # the unprepared figure is measured only for a failure's message
+    assert prepared < 20, (f"{prepared:.0f} page faults per image in a prepared worker "
+                           f"({faults('plain'):.0f} unprepared)")

@@ -78,8 +78,7 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
     from pyspark.sql import functions as F
 
     try:
-        df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-              .option("pathGlobFilter", extensions_glob(extensions)).load(root))
+        df = _scan(spark, root, extensions)
     except AnalysisException as exc:
         raise IngestError(f"input.images: cannot list {root}: {exc}") from exc
     listing = select_extensions(df.select("path", F.col("length").alias("file_size"),
@@ -92,6 +91,12 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
     empty = every.join(listing, "path", "left_anti").select(
         "path", F.lit(0).cast("long").alias("file_size"), F.lit(None).cast("timestamp").alias("modification_time"))
     return listing.unionByName(empty)
+
+
+def _scan(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> DataFrame:
+    """Spark's binaryFile scan of the image files under ``root``; its file index is listed when it is created."""
+    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", extensions_glob(extensions)).load(root))
 
 
 def _uri_to_path(uri: str) -> str:
@@ -132,13 +137,12 @@ def read_planned(spark: SparkSession, root: str, paths: list[str] | None, max_fi
         except AnalysisException as exc:
             if paths is None or "PATH_NOT_FOUND" not in str(exc):
                 raise
-            there = {_uri_to_path(uri) for uri in spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                     .option("pathGlobFilter", extensions_glob(extensions)).load(root).inputFiles()}
-            log.warning("%d of %d files to read were deleted after the listing", len(paths) - len(there & set(paths)),
-                        len(paths))
-            paths = [p for p in paths if p in there]
-            if not paths:
+            there = {_uri_to_path(uri) for uri in _scan(spark, root, extensions).inputFiles()}
+            left = [p for p in paths if p in there]
+            log.warning("%d of %d files to read were deleted after the listing", len(paths) - len(left), len(paths))
+            if not left:
                 return None
+            paths = left
     raise IngestError(f"input.images: files under {root} kept disappearing while the run read them")
 
 
