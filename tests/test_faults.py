@@ -47,21 +47,35 @@ def test_tables_of_an_older_version_are_extended_or_refused(spark: Any, make_con
     assert table_version(spark, old.output.files_table_path) == 0
 
 
-def _python_workers() -> list[int]:
-    """PIDs of Spark's Python workers: the processes the pyspark daemon forked (same command line)."""
-    forks: dict[int, int] = {}
+def _python_workers() -> dict[int, int]:
+    """This session's Spark Python workers (forks of a pyspark daemon under this process), with their CPU ticks.
+
+    Only descendants of this process: under pytest-xdist, other sessions' workers come and go beside ours.
+    """
+    parents: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    daemon: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = int(fields[11]) + int(fields[12])
         if b"pyspark.daemon" in cmdline:
-            forks[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    daemons = {pid for pid, parent in forks.items() if parent not in forks}
-    return sorted(pid for pid, parent in forks.items() if parent in daemons)
+            daemon.add(int(entry))
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: cpu[pid] for pid in daemon if parents[pid] in daemon and ours(pid)}
 
 
 @pytest.mark.parametrize("stage", ["ingest", "embed"])
@@ -82,17 +96,23 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
     if stage == "embed":
         run_ingest(spark, config)
     killed: list[int] = []
+    stages: list[int] = []
     done = threading.Event()
 
     def killer() -> None:
         tracker = spark.sparkContext.statusTracker()
         while not done.is_set() and not killed:
-            if tracker.getActiveStageIds():
-                workers = _python_workers()
-                if workers:
-                    time.sleep(1.0 if stage == "embed" else 0.3)  # let a task get going inside the worker
-                    os.kill(workers[0], signal.SIGKILL)
-                    killed.append(workers[0])
+            if tracker.getActiveStageIds() and (before := _python_workers()):
+                time.sleep(1.0 if stage == "embed" else 0.3)  # let a task get going inside the worker
+                after = _python_workers()
+                busy = [pid for pid in after if after[pid] > before.get(pid, 0)]
+                if busy:  # a worker that used CPU since: inside a task, not idle in Spark's queue
+                    try:
+                        stages.extend(tracker.getActiveStageIds())
+                        os.kill(busy[0], signal.SIGKILL)
+                        killed.append(busy[0])
+                    except ProcessLookupError:
+                        pass  # it ended meanwhile: look again
             time.sleep(0.02)
 
     thread = threading.Thread(target=killer)
@@ -103,6 +123,9 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
         done.set()
         thread.join(timeout=30)
     assert killed, "a Python worker was killed during the run"
+    tracker = spark.sparkContext.statusTracker()
+    failed = sum(info.numFailedTasks for info in map(tracker.getStageInfo, stages) if info is not None)
+    assert failed >= 1, f"the kill failed a task (stages {stages}), which Spark ran again"
     assert report.status == "succeeded"
     if stage == "ingest":
         assert report.metrics["files_decoded"] == len(ids) and report.metrics["errors"] == {}
