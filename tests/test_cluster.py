@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import children, cmdline, cpu_seconds
 
 from image_embeddings.s3server import free_port
 from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
@@ -31,47 +32,14 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _children(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def _embedding(pid: int) -> bool:
     """True when the Python worker ``pid`` has torch loaded and is computing (stage 2's UDF at work)."""
     if not _has_torch(pid):
         return False
-    before = _cpu_seconds(pid)
+    before = cpu_seconds(pid)
     time.sleep(0.5)
     # An idle worker uses no CPU; a computing one gets at least a share of a core, even while other tests run.
-    return _cpu_seconds(pid) - before > 0.05
+    return cpu_seconds(pid) - before > 0.05
 
 
 def _has_torch(pid: int) -> bool:
@@ -109,7 +77,7 @@ def cluster(tmp_path: Path, s3_plan: Any) -> Iterator[tuple[str, list[subprocess
         yield master, started
     finally:
         for process in started:
-            with_children = [process.pid, *_children(process.pid)]
+            with_children = [process.pid, *children(process.pid)]
             for pid in reversed(with_children):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -161,9 +129,9 @@ def test_run_on_a_standalone_cluster_survives_a_killed_executor(cluster: Any, s3
 
         def embedding_executor() -> int | None:
             for worker in started[1:]:
-                for pid in _children(worker.pid):
-                    if "CoarseGrainedExecutorBackend" in _cmdline(pid) and any(
-                            _embedding(child) for child in _children(pid)):
+                for pid in children(worker.pid):
+                    if "CoarseGrainedExecutorBackend" in cmdline(pid) and any(
+                            _embedding(child) for child in children(pid)):
                         return pid
             return None
 

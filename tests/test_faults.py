@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import cpu_seconds, python_workers
 
 from image_embeddings.embed import run_embed
 from image_embeddings.errors import failure_line
@@ -47,37 +48,6 @@ def test_tables_of_an_older_version_are_extended_or_refused(spark: Any, make_con
     assert table_version(spark, old.output.files_table_path) == 0
 
 
-def _python_workers() -> dict[int, int]:
-    """This session's Spark Python workers (forks of a pyspark daemon under this process), with their CPU ticks.
-
-    Only descendants of this process: under pytest-xdist, other sessions' workers come and go beside ours.
-    """
-    parents: dict[int, int] = {}
-    cpu: dict[int, int] = {}
-    daemon: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = int(fields[11]) + int(fields[12])
-        if b"pyspark.daemon" in cmdline:
-            daemon.add(int(entry))
-
-    def ours(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return {pid: cpu[pid] for pid in daemon if parents[pid] in daemon and ours(pid)}
-
-
 @pytest.mark.parametrize("stage", ["ingest", "embed"])
 def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any, make_config: Any, tmp_path: Path,
                                                                       stage: str) -> None:
@@ -102,10 +72,10 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
     def killer() -> None:
         tracker = spark.sparkContext.statusTracker()
         while not done.is_set() and not killed:
-            if tracker.getActiveStageIds() and (before := _python_workers()):
+            if tracker.getActiveStageIds() and (workers := python_workers(os.getpid())):
+                before = {pid: cpu_seconds(pid) for pid in workers}
                 time.sleep(1.0 if stage == "embed" else 0.3)  # let a task get going inside the worker
-                after = _python_workers()
-                busy = [pid for pid in after if after[pid] > before.get(pid, 0)]
+                busy = [pid for pid in workers if cpu_seconds(pid) > before[pid]]
                 if busy:  # a worker that used CPU since: inside a task, not idle in Spark's queue
                     try:
                         stages.extend(tracker.getActiveStageIds())
