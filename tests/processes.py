@@ -49,4 +49,4 @@ def python_workers(pid: int) -> list[int]:
     Only below ``pid``: under pytest-xdist, other sessions' workers come and go beside ours.
     """
     daemons = {p for p in children(pid) if "pyspark.daemon" in cmdline(p)}
-    return sorted({p for d in daemons for p in children(d)} & daemons)
+    return sorted(p for p in daemons if (fields := _stat(p)) and int(fields[1]) in daemons)

@@ -77,8 +77,8 @@ def test_a_killed_python_worker_is_retried_without_loss_or_duplicates(spark: Any
                 time.sleep(1.0 if stage == "embed" else 0.3)  # let a task get going inside the worker
                 busy = [pid for pid in workers if cpu_seconds(pid) > before[pid]]
                 if busy:  # a worker that used CPU since: inside a task, not idle in Spark's queue
+                    stages.extend(tracker.getActiveStageIds())
                     try:
-                        stages.extend(tracker.getActiveStageIds())
                         os.kill(busy[0], signal.SIGKILL)
                         killed.append(busy[0])
                     except ProcessLookupError:

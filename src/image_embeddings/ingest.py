@@ -399,6 +399,8 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
 # tables.table_features) rewrites only those.
 ROWS_PER_WRITTEN_FILE = 500
 
+TO_DO = ("new", "changed", "retry")  # the plan's statuses of files this run decodes (or records as errors)
+
 
 def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
             on_decoded: Callable[[], None] = lambda: None) -> None:
@@ -447,17 +449,19 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
     try:
         readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
         with report.step("plan"):
+            # The path set only of the files to read: unchanged ones are most of a nightly listing.
             rows = plan.groupBy("status", readable.alias("readable")).agg(
-                F.count(F.lit(1)).alias("count"), path_set().alias("paths")).collect()
+                F.count(F.lit(1)).alias("count"), path_set(F.col("status").isin(*TO_DO) & readable).alias("paths")
+            ).collect()
         counts: dict[str, int] = {}
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + int(row["count"])
-        for status in ("new", "changed", "retry", "unchanged", "removed"):
+        for status in (*TO_DO, "unchanged", "removed"):
             m[f"files_{status}"] = counts.get(status, 0)
         m["files_listed"] = sum(v for k, v in counts.items() if k != "removed")
-        todo = plan.where(F.col("status").isin("new", "changed", "retry"))
+        todo = plan.where(F.col("status").isin(*TO_DO))
         to_read = todo.where(readable)
-        planned = [r for r in rows if r["readable"] and r["status"] in ("new", "changed", "retry")]
+        planned = [r for r in rows if r["readable"] and r["status"] in TO_DO]
         n_to_read, paths_to_read = sum(int(r["count"]) for r in planned), xor_all(r["paths"] for r in planned)
         n_readable = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed")
         with report.step("sales_check"):
@@ -478,7 +482,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
             with report.step("read_and_decode"), Progress(spark, "decode", n_to_read, "files"):
                 # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
                 # cached: two jobs computing it at once would each decode every file.
-                n_todo = sum(counts.get(status, 0) for status in ("new", "changed", "retry"))
+                n_todo = sum(counts.get(status, 0) for status in TO_DO)
                 summary: dict[str, Any] = (_summarize(processed) if n_todo
                                            else {"rows": 0, "read": 0, "bytes": 0, "errors": {}})
                 if n_to_read and (summary["read"], summary["paths"]) != (n_to_read, paths_to_read):
