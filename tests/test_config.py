@@ -346,7 +346,7 @@ def test_bad_extension() -> None:
 @pytest.mark.parametrize("key", ["input.images", "input.sales", "output.images_table",
                                  "output.embeddings_table", "output.runs_table", "output.files_table"])
 def test_unsupported_scheme(key: str) -> None:
-    message = _error(f"{key}=ftp://user:pw@host/x")
+    message = _error(f"{key}=ftp://host/x")
     assert message == f"{key}: unsupported scheme 'ftp' (use one of file, s3, s3a, dbfs, hdfs, abfss, gs, wasbs)"
     assert "pw" not in message, "a value that may hold credentials is not echoed"
 
@@ -362,8 +362,8 @@ def test_supported_locations(location: str) -> None:
                                       "S3://AKIA@bucket/x"])
 def test_credentials_in_s3_uri(location: str) -> None:
     message = _error(f"input.images={location}")
-    assert message == "input.images: credentials must not be embedded in the URI"
-    assert "secret" not in message
+    assert message.startswith("input.images: credentials must not be embedded in the URI")
+    assert "secret" not in message and "AKIA" not in message
 
 
 def test_empty_location() -> None:
@@ -600,7 +600,8 @@ def test_readme_documents_every_config_key() -> None:
 
 
 def test_endpoint_with_credentials_and_empty_section() -> None:
-    assert _error("s3.endpoint=http://user:pw@127.0.0.1:9000").startswith("s3.endpoint: expected")
+    message = _error("s3.endpoint=http://user:pw@127.0.0.1:9000")
+    assert message.startswith("s3.endpoint: credentials must not be embedded") and "pw" not in message
     data = _minimal()
     data["preprocess"] = None
     assert _load(data=data).preprocess.size == 224

@@ -114,6 +114,13 @@ def test_real_photos_through_s3_incremental_and_idempotent(spark: Any, make_conf
     assert (table_version(spark, config.output.files_table_path),
             table_version(spark, config.output.images_table)) == versions, "a rerun writes nothing"
     assert spark.read.format("delta").load(config.output.images_table).count() == len(ids)
+    # The same folder written another way is the same folder: nothing is planned as new, nothing written.
+    respelled = run_ingest(spark, make_config("s3a://photos//raw/./", "s3a://photos/sales/",
+                                              tables="s3a://photos//delta/"))
+    assert (respelled.metrics["input_images"], respelled.metrics["files_new"], respelled.metrics["files_decoded"],
+            respelled.metrics["files_removed"]) == ("s3a://photos/raw", 0, 0, 0)
+    assert (table_version(spark, config.output.files_table_path),
+            table_version(spark, config.output.images_table)) == versions
 
     new = {"astronaut_flip": encode(photo("astronaut")[:, ::-1]), "coffee_gray": encode(photo("coffee") // 2)}
     for image_id, content in new.items():

@@ -35,7 +35,7 @@ def test_one_answer_for_s3n_and_file_uris_everywhere() -> None:
     assert location_problem("s3n://bucket/x") == "s3n:// is not supported (Hadoop 3 removed it): use s3a:// or s3://"
     assert not is_weights_spec("s3n://bucket/w.pth")
     assert location_problem("file:///tmp/x") is None and is_weights_spec("file:///tmp/w.pth")
-    assert location_problem("s3a://key:secret@bucket/x") == "credentials must not be embedded in the URI"
+    assert location_problem("s3a://key:secret@bucket/x").startswith("credentials must not be embedded in the URI")
     assert location_problem("ftp://host/x") is not None and not is_weights_spec("ftp://host/w.pth")
     assert location_problem(" ") == "must not be empty"
 

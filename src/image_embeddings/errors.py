@@ -102,6 +102,12 @@ def _java_chain(throwable: Any) -> list[str]:
 def failure_line(exc: BaseException) -> str:
     """The cause of a failure in one line for an operator: the root exception's first line without the JVM's
     class-name wrapping, or, when the object store (or any endpoint) refused connections, that in words."""
+    from image_embeddings.redaction import scrub
+
+    return scrub(_failure_line(exc))
+
+
+def _failure_line(exc: BaseException) -> str:
     if type(exc).__module__.startswith("image_embeddings."):  # the package's own errors say what to do already
         return " ".join(str(exc).split())[:MAX_CHARS * 2]
     chain = [_JVM_PREFIX.sub("", m) for m in _chain(exc)]

@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.errors import failure_line, reason_column
+from image_embeddings.redaction import redact, scrub
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 RUNS_SCHEMA = ("run_id STRING, stage STRING, status STRING, run_date STRING, started_at TIMESTAMP, "
                "finished_at TIMESTAMP, duration_s DOUBLE, report STRING")
-
-_SECRETISH = re.compile(r"(?i)(secret|password|passwd|token|access[._-]?key|credential)")
 
 
 def new_run_id(stage: str) -> str:
@@ -86,7 +84,7 @@ class RunReport:
     def summary(self) -> str:
         """Return the one-line summary that is logged."""
         flat = " ".join(f"{k}={_short(v)}" for k, v in sorted(redact(self.metrics).items()))
-        error = f" error={json.dumps(self.error)}" if self.error else ""
+        error = f" error={json.dumps(scrub(self.error))}" if self.error else ""
         return (f"run_id={self.run_id} stage={self.stage} status={self.status} "
                 f"duration_s={self.duration_s}{error} {flat}").strip()
 
@@ -95,16 +93,6 @@ def _short(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return str(value)
-
-
-def redact(data: Any) -> Any:
-    """Replace values of keys that look like credentials with ``***``, recursively."""
-    if isinstance(data, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRETISH.search(k) and not k.endswith("provider")
-                    and v is not None else redact(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [redact(v) for v in data]
-    return data
 
 
 def errors_by_reason(df: DataFrame) -> dict[str, int]:
@@ -155,10 +143,11 @@ def publish(report: RunReport, spark: SparkSession | None, runs_table: str | Non
     if spark is not None and runs_table:
         try:
             from image_embeddings.spark import local_frame
-            from image_embeddings.tables import append
+            from image_embeddings.tables import append, with_commit_retries
 
             row = (report.run_id, report.stage, report.status, report.run_date, report.started_at,
                    report.finished_at, report.duration_s, report.to_json())
-            append(local_frame(spark, [row], RUNS_SCHEMA), runs_table)
-        except Exception as exc:  # the report must not hide the run's own outcome
-            log.error("could not append the run report to %s: %s", runs_table, exc)
+            with_commit_retries(runs_table, lambda: append(local_frame(spark, [row], RUNS_SCHEMA), runs_table))
+        except Exception as exc:  # the report must not hide the run's own outcome: one line, the trace in the file
+            log.error("could not append the run report to %s", runs_table, exc_info=exc, extra={"file_only": True})
+            log.error("could not append the run report to %s: %s", runs_table, failure_line(exc))
