@@ -84,13 +84,17 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str, log_file: str | None = None) -> None:
     """Configure stdlib logging once, for the command line and spark-submit entry points: ``level`` and up on
     the console; with ``log_file``, everything (stack traces included) in that file as well."""
+    from image_embeddings.redaction import ScrubbingFormatter
+
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr, format=_FORMAT)
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    for console in logging.getLogger().handlers:  # credentials inside values never reach a log line
+        console.setFormatter(ScrubbingFormatter(_FORMAT))
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file, delay=True)
         handler.setLevel(logging.INFO)
-        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setFormatter(ScrubbingFormatter(_FORMAT))
         root = logging.getLogger()
         for console in root.handlers:
             console.setLevel(getattr(logging, level))
@@ -126,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
 
         from image_embeddings.config import as_dict
-        from image_embeddings.report import redact
+        from image_embeddings.redaction import redact
 
         print(json.dumps(redact(as_dict(config)), indent=2, sort_keys=True))
         return 0
@@ -174,7 +178,10 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
         return 0 if report.status == "succeeded" else 1
     except Exception as exc:  # the package's errors, Spark's, the JVM's: one line; the trace in the log file
-        return _failed(args, config, exc, writes=args.command in ("ingest", "embed", "run", "neighbours"))
+        from image_embeddings.lease import LeaseHeldError
+
+        wrote = args.command in ("ingest", "embed", "run", "neighbours") and not isinstance(exc, LeaseHeldError)
+        return _failed(args, config, exc, writes=wrote)
 
 
 def _failed(args: argparse.Namespace, config: AppConfig, exc: BaseException, writes: bool) -> int:

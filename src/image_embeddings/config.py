@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from image_embeddings.images import DEFAULT_EXTENSIONS, MODES
-from image_embeddings.uri import location_problem
+from image_embeddings.redaction import is_secret_key, scrub
+from image_embeddings.uri import has_user_info, location_problem, normalize
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed; the message names the key."""
 
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|access[._-]?key|credential)", re.IGNORECASE)
 _GLOB_CHARS = set("*?[]{}")
 
 
@@ -155,6 +155,19 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    """One writer at a time per set of tables (see :mod:`image_embeddings.lease`)."""
+
+    location: str | None = None   # default <images_table>_lease.json
+    wait_seconds: int = 600       # how long a run waits for another run's lease before it fails
+    ttl_seconds: int = 300        # a lease whose holder stopped renewing it expires this long after its last renewal
+
+    def location_for(self, images_table: str) -> str:
+        """Where the lease lives: ``location`` or ``<images_table>_lease.json``."""
+        return self.location or images_table.rstrip("/") + "_lease.json"
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole validated configuration."""
 
@@ -166,6 +179,7 @@ class AppConfig:
     s3: S3Config = field(default_factory=S3Config)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,11 +217,24 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, _Override(item.split("=", 1)[1], value))
-    config = _build(AppConfig, raw, "")
+    config = normalized(_build(AppConfig, raw, ""))
     if needs_input or run_date is not None:
         config = with_run_date(config, run_date)
     _check(config)
     return config
+
+
+def normalized(config: AppConfig) -> AppConfig:
+    """``config`` with every location in one spelling (:func:`uri.normalize`): ``s3a://b//raw/day/`` and
+    ``s3a://b/raw/day`` are one folder to plan against, store and scope by."""
+    def clean(section: Any, *names: str) -> Any:
+        values = {n: normalize(getattr(section, n)) for n in names if getattr(section, n)}
+        return dataclasses.replace(section, **values)
+
+    return dataclasses.replace(
+        config, input=clean(config.input, "images", "sales"),
+        output=clean(config.output, "images_table", "embeddings_table", "runs_table", "files_table"),
+        index=clean(config.index, "location", "neighbours_table"), lease=clean(config.lease, "location"))
 
 
 def with_run_date(config: AppConfig, run_date: str | None) -> AppConfig:
@@ -418,17 +445,35 @@ def _check(config: AppConfig) -> None:
         for key in settings:
             if not key.startswith("spark."):
                 raise ConfigError(f"{section}.{key}: Spark settings must start with 'spark.'")
-            if _SECRET_KEY.search(key) and not key.endswith(".provider"):
+            if is_secret_key(key):
                 raise ConfigError(f"{section}.{key}: secrets do not belong in config files; "
                                   "credentials come from the AWS default provider chain")
+            if has_user_info(settings[key]):
+                raise ConfigError(f"{section}.{key}: the value carries credentials in a URL (user info before "
+                                  "'@'); remove them (for a Maven repository, use spark.jars.ivySettings with a "
+                                  "credentials file)")
     if s3.max_attempts < 1 or s3.retry_limit < 0:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
+    if s3.endpoint is not None and has_user_info(s3.endpoint):
+        raise ConfigError("s3.endpoint: credentials must not be embedded in the URL (user info before '@'); "
+                          "they come from the AWS default provider chain")
     if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):
-        raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {s3.endpoint!r}")
+        raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {scrub(s3.endpoint)!r}")
     if config.maintenance.vacuum_retention_hours < 0:
         raise ConfigError("maintenance.vacuum_retention_hours: must be >= 0, got "
                           f"{config.maintenance.vacuum_retention_hours}")
     _check_index(config.index)
+    _check_lease(config.lease)
+
+
+def _check_lease(lease: LeaseConfig) -> None:
+    if lease.location is not None:
+        _check_location("lease.location", lease.location)
+    if lease.wait_seconds < 0:
+        raise ConfigError(f"lease.wait_seconds: must be >= 0, got {lease.wait_seconds}")
+    if lease.ttl_seconds < 10:
+        raise ConfigError(f"lease.ttl_seconds: must be at least 10 (renewed every fifth of it), "
+                          f"got {lease.ttl_seconds}")
 
 
 def _check_index(index: IndexConfig) -> None:
@@ -450,11 +495,14 @@ def _check_model(model: ModelConfig) -> None:
     from image_embeddings.models import MODELS
     from image_embeddings.weights import is_weights_spec
 
+    if has_user_info(model.weights):
+        raise ConfigError("model.weights: credentials must not be embedded in the URI (user info before '@'); "
+                          "S3 credentials come from the AWS default provider chain")
     if model.name not in MODELS:
         raise ConfigError(f"model.name: unknown model {model.name!r} (registered: {', '.join(sorted(MODELS))})")
     if not is_weights_spec(model.weights):
         raise ConfigError(f"model.weights: expected imagenet, random:SEED, a file path or an s3:// URI, "
-                          f"got {model.weights!r}")
+                          f"got {scrub(model.weights)!r}")
     if model.batch_size < 1 or model.arrow_batch_rows < 1:
         raise ConfigError("model.batch_size: and model.arrow_batch_rows must be positive")
     if model.threads is not None and model.threads < 1:

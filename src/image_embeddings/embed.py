@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
 from image_embeddings.embedder import EmbedderSettings
+from image_embeddings.lease import leased
 from image_embeddings.models import model_spec
 from image_embeddings.progress import Progress
 from image_embeddings.quality import run_drift
@@ -204,6 +205,7 @@ def with_sales(spark: SparkSession, config: AppConfig, rows: DataFrame) -> DataF
     return rows.join(images.select(*sales), "image_id", "left")
 
 
+@leased('embed')
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
               report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""

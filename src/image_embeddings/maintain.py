@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
+from image_embeddings.lease import leased
 from image_embeddings.report import RunReport, run_reported
 from image_embeddings.spark import session_conf
 from image_embeddings.tables import table_exists, table_version, with_commit_retries
@@ -202,6 +203,7 @@ def table_line(name: str, entry: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+@leased('maintain')
 def run_maintain(spark: SparkSession, config: AppConfig, allow_short_retention: bool = False,
                  run_id: str | None = None, report_file: str | None = None,
                  run_date: str | None = None) -> RunReport:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from image_embeddings.config import AppConfig
+from image_embeddings.lease import leased
 from image_embeddings.vector_index import (
     Store,
     cached_index,
@@ -88,6 +89,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
         ranges_sql,
         read_changes,
         sql_string,
+        with_commit_retries,
     )
 
     started = time.perf_counter()
@@ -115,7 +117,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
         found = found.persist()
         written, floor = found.agg(F.count(F.lit(1)), F.min(kth_score(k))).first()  # type: ignore[misc]
         metadata["floor"] = -1.0 if floor is None else float(floor)
-        overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata)
+        with_commit_retries(path, lambda: overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata))
         found.unpersist()
         reason = ("asked for (--full)" if full else f"k changed from {other_k}" if other_k is not None
                   else "no earlier run" if since is None else "change feed unreadable")
@@ -147,9 +149,9 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     metadata["floor"] = min(floor, float(lowest)) if lowest is not None else floor
     gone = [i for i in touched if i not in present]
     deletes = spark.createDataFrame([(i, key) for i in gone], "image_id string, model_key string")
-    merge_changes(spark, path, upserts, deletes, ["image_id", "model_key"],
-                  target_filter=f"t.model_key = {sql_string(key)} AND {ranges_sql('t.image_id', ranges)}",
-                  metadata=metadata)
+    with_commit_retries(path, lambda: merge_changes(
+        spark, path, upserts, deletes, ["image_id", "model_key"],
+        target_filter=f"t.model_key = {sql_string(key)} AND {ranges_sql('t.image_id', ranges)}", metadata=metadata))
     upserts.unpersist()
     log.info("neighbours of model %s updated from embeddings version %d to %d: %d changed image_ids, %d rows "
              "rewritten, %d removed", key, since, version, len(touched), len(present), len(gone))
@@ -173,6 +175,7 @@ def neighbours_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     return with_sales(spark, config, spark.read.format("delta").load(path))
 
 
+@leased('neighbours')
 def run_neighbours_reported(spark: SparkSession, config: AppConfig, k: int | None = None, full: bool = False,
                             run_id: str | None = None, report_file: str | None = None,
                             run_date: str | None = None) -> Any:

@@ -11,6 +11,7 @@ from image_embeddings.config import AppConfig
 from image_embeddings.embed import embedder_settings, resolve_config_weights, run_embed
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.ingest import run_ingest
+from image_embeddings.lease import leased
 from image_embeddings.report import RunReport, new_run_id
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@leased('run')
 def run_pipeline(spark: SparkSession, config: AppConfig, run_id: str | None = None,
                  report_file: str | None = None, run_date: str | None = None) -> dict[str, Any]:
     """Run ingest then embed; return (and write to ``report_file``) the combined report.
