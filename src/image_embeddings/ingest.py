@@ -23,10 +23,12 @@ from image_embeddings.config import AppConfig, PreprocessConfig
 from image_embeddings.embed import warm_up_workers
 from image_embeddings.embedder import EmbedderSettings
 from image_embeddings.errors import EMPTY, NO_IMAGE_ID, UNREADABLE, reason_column
+from image_embeddings.lease import leased
 from image_embeddings.progress import Progress
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
+    add_columns,
     clustered,
     commit_state,
     create,
@@ -369,6 +371,7 @@ def fingerprint(df: DataFrame, exclude: tuple[str, ...] = ("image", "updated_run
 # the job
 
 
+@leased('ingest')
 def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None,
                report_file: str | None = None, run_date: str | None = None,
                warm_up: EmbedderSettings | None = None) -> RunReport:
@@ -641,9 +644,10 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
              .select(*NARROW_FILE_COLUMNS))
     m["files_table_version"] = files_version
     existing = read_table(spark, out.images_table)
-    reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version)
+    shape = schema_id(join_sales(resolve_duplicates(files), sales, inp.join))  # analysis only, no job
+    reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version, shape)
     m["images_sync"] = reason or "incremental"
-    recorded = {"files_table_version": files_version, "sales": sales_fp, "join": inp.join}
+    recorded = {"files_table_version": files_version, "sales": sales_fp, "join": inp.join, "schema": shape}
     if reason is not None:
         resolved = resolve_duplicates(files)
         errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
@@ -690,8 +694,12 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
 
 def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFrame | None,
                         state: tuple[int, dict[str, Any]] | None, sales_fp: str,
-                        files_version: int) -> tuple[str | None, DataFrame | None]:
-    """Why the images table needs the full comparison (None: it does not), and the files changes since its state."""
+                        files_version: int, shape: str) -> tuple[str | None, DataFrame | None]:
+    """Why the images table needs the full comparison (None: it does not), and the files changes since its state.
+
+    Columns the rows should have and the table lacks (a release or a sales file added one), or columns other
+    than those the last run brought every row up to date with, need every row compared: never only the changed.
+    """
 
     if existing is None:
         return "full: new table", None
@@ -702,8 +710,12 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
     recorded = state[1]
     if recorded.get("sales") != sales_fp:
         return "full: sales files changed", None
+    if recorded.get("schema", shape) != shape:
+        return "full: columns changed since the last run", None
     if recorded.get("join") != config.input.join:
         return "full: input.join changed", None
+    if not set(schema_columns(shape)) <= set(existing.columns):
+        return "full: columns to add", None
     since = int(recorded["files_table_version"])
     if since > files_version:
         return "full: recorded files-table version is ahead of the table", None
@@ -721,32 +733,36 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
                   key_scope: list[tuple[str, str]] | None = None) -> None:
     """Bring the images table to ``desired`` (for ``changed_keys`` only, when given), writing only rows that
     differ; the commit records ``state``. Nothing is written when nothing differs and the state is the same.
-    ``key_scope``: image_id ranges that hold every changed key, so reads and the MERGE skip other files."""
+    ``key_scope``: image_id ranges that hold every changed key, so reads and the MERGE skip other files.
+
+    The table is never replaced from a subset of rows: new columns are added to it (rows kept), columns someone
+    else added are kept and left alone, and a column whose type changed fails the run with the table unchanged.
+    """
     from pyspark.sql import functions as F
 
-    now = utcnow()
     target = desired.withColumn("updated_run_id", F.lit(report.run_id)).withColumn(
-        "updated_at", F.lit(now).cast("timestamp"))
+        "updated_at", F.lit(utcnow()).cast("timestamp"))
     m = report.metrics
-    if existing is None or _schema_changed(existing, target):
-        with_commit_retries(path, lambda: create(spark, path, target, state,
-                                                 mode="errorifexists" if existing is None else "overwrite"))
-        m["images_table_write"] = "created" if existing is None else "overwritten (schema changed)"
-        m["images_upserted"] = m["joined"] if state["join"] == "inner" else m["images"]
-        m["images_deleted"] = 0
-        m["images_table_version"] = table_version(spark, path)
+    if existing is None or (changed_keys is None and "image" in existing.columns):
+        _create_images(spark, path, target, existing is None, state, m)
         return
+    added = add_columns(spark, path, existing, target, "output.images_table")
+    if added:
+        assert changed_keys is None, "columns are added on the full comparison only"
+        existing = read_table(spark, path)
+        assert existing is not None
+        m["images_columns_added"] = added
     near = existing if key_scope is None else existing.where(in_ranges("image_id", key_scope))
     have_rows = near if changed_keys is None else near.join(changed_keys, "image_id", "left_semi")
     wanted = target.withColumn("_fp", fingerprint(desired))
-    have = have_rows.select("image_id", fingerprint(existing).alias("_fp"))
+    have = have_rows.select("image_id", fingerprint(existing.select(*desired.columns)).alias("_fp"))
     upserts = wanted.join(have, ["image_id", "_fp"], "left_anti").drop("_fp")
     deletes = have.join(wanted.select("image_id"), "image_id", "left_anti").select("image_id")
     n_upserts, n_deletes = concurrently(upserts.count, deletes.count)
     m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
     if n_upserts or n_deletes:
         _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
-            spark, path, upserts.select(*existing.columns), deletes, "image_id", metadata=state,
+            spark, path, upserts.select(*target.columns), deletes, "image_id", metadata=state,
             target_filter=None if key_scope is None else ranges_sql("t.image_id", key_scope)))
         m["images_table_write"] = "merged"
     else:
@@ -756,8 +772,26 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     m["images_table_version"] = table_version(spark, path)
 
 
-def _schema_changed(existing: DataFrame, target: DataFrame) -> bool:
-    def shape(df: DataFrame) -> set[tuple[str, str]]:
-        return {(f.name, f.dataType.simpleString()) for f in df.schema.fields}
+def _create_images(spark: SparkSession, path: str, target: DataFrame, new: bool, state: dict[str, Any],
+                   m: dict[str, Any]) -> None:
+    """Write the whole images table: a new one (a first run that loses the race to create it merges into the
+    winner's), or an older release's table with thumbnails, rewritten from every row without them."""
+    if new:
+        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+            spark, path, target, None, "image_id", metadata=state))
+    else:
+        with_commit_retries(path, lambda: create(spark, path, target, state, mode="overwrite"))
+    m["images_table_write"] = "created" if new else "overwritten (thumbnails moved to the files table)"
+    m["images_upserted"] = m["joined"] if state["join"] == "inner" else m["images"]
+    m["images_deleted"] = 0
+    m["images_table_version"] = table_version(spark, path)
 
-    return shape(existing) != shape(target)
+
+def schema_id(df: DataFrame) -> str:
+    """The columns a table written from ``df`` has, with their types, as one string (``name type;...``)."""
+    return ";".join(f"{f.name} {f.dataType.simpleString()}" for f in sorted(df.schema.fields, key=lambda f: f.name))
+
+
+def schema_columns(shape: str) -> list[str]:
+    """The column names of a :func:`schema_id`."""
+    return [part.split(" ", 1)[0] for part in shape.split(";") if part]

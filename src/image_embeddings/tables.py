@@ -31,8 +31,15 @@ def is_write_conflict(exc: BaseException) -> bool:
                 "MetadataChangedException", "ProtocolChangedException"}:
         return True
     text = str(exc)
-    return any(marker in text for marker in ("PATH_ALREADY_EXISTS", "DELTA_PATH_EXISTS", "ConcurrentAppendException",
-                                             "ConcurrentDeleteReadException"))
+    return any(marker in text for marker in _CONFLICT_MARKERS)
+
+
+# The same conflicts as they reach Python through py4j (the Java class or Delta's error class in the text); a first
+# run that lost the race to create a table sees PATH_ALREADY_EXISTS or ProtocolChangedException.
+_CONFLICT_MARKERS = ("PATH_ALREADY_EXISTS", "DELTA_PATH_EXISTS", "ConcurrentAppendException",
+                     "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException", "ConcurrentWriteException",
+                     "ConcurrentTransactionException", "ProtocolChangedException", "MetadataChangedException",
+                     "DELTA_CONCURRENT_", "DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED")
 
 
 def with_commit_retries(what: str, commit: Callable[[], T], attempts: int = COMMIT_ATTEMPTS) -> tuple[T, int]:
@@ -56,6 +63,14 @@ def with_commit_retries(what: str, commit: Callable[[], T], attempts: int = COMM
                         attempts)
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def sql_table(path: str) -> str:
+    """A path-addressed Delta table in Spark SQL: ``delta.`file:/abs/path```. Spark SQL reads a relative path
+    there as a table name in a database called ``delta``, so the path is always made absolute and qualified."""
+    from image_embeddings.uri import qualify
+
+    return "delta.`" + qualify(path).replace("`", "``") + "`"
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
@@ -183,12 +198,12 @@ def overwrite_where(df: DataFrame, path: str, condition: str, metadata: dict[str
 
 def ensure_features(spark: SparkSession, path: str) -> list[str]:
     """Turn on the :func:`table_features` an existing table lacks (a table of an older release); return them."""
-    current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}
+    current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES {sql_table(path)}").collect()}
     columns = spark.read.format("delta").load(path).columns
     missing = {k: v for k, v in table_features(columns, delta_version(spark)).items() if current.get(k) != v}
     if missing:
         settings = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
-        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({settings})")
+        spark.sql(f"ALTER TABLE {sql_table(path)} SET TBLPROPERTIES ({settings})")
         log.info("upgraded delta table %s: %s", path, settings)
     return sorted(missing)
 
@@ -233,8 +248,11 @@ def commit_state(spark: SparkSession, path: str, match: Callable[[dict[str, Any]
 
 def record_state(spark: SparkSession, path: str, metadata: dict[str, Any]) -> None:
     """Record ``metadata`` in a commit of its own that changes no data (for runs that had nothing to write)."""
-    with _commit_metadata(spark, metadata):
-        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
+    def commit() -> None:
+        with _commit_metadata(spark, metadata):
+            spark.sql(f"ALTER TABLE {sql_table(path)} SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
+
+    with_commit_retries(f"{path} (state record)", commit)
 
 
 def key_ranges(values: list[str], limit: int = 64, group: Callable[[str], str] | None = None
@@ -350,3 +368,27 @@ def require_columns(df: DataFrame, path: str, needed: tuple[str, ...], what: str
             f"{what} at {path} lacks column(s) {', '.join(missing)}: it was written by an older version of "
             "spark-image-embeddings or by another tool. Nothing was changed. Point the output at a new location, "
             "or add the columns (ALTER TABLE ... ADD COLUMNS) and run again.")
+
+
+def add_columns(spark: SparkSession, path: str, existing: DataFrame, target: DataFrame, what: str) -> list[str]:
+    """Add the columns of ``target`` that the table lacks (rows kept, null there until written); return them.
+
+    A column of both whose type differs is refused, naming it, before anything is written: the rows cannot be
+    merged into it, and replacing the table from this run's rows could lose others.
+    """
+    have = {f.name.lower(): f.dataType.simpleString() for f in existing.schema.fields}
+    retyped = [f"{f.name} ({have[f.name.lower()]} in the table, {f.dataType.simpleString()} now)"
+               for f in target.schema.fields
+               if f.name.lower() in have and have[f.name.lower()] != f.dataType.simpleString()]
+    if retyped:
+        raise IncompatibleTableError(
+            f"{what} at {path}: column(s) changed type: {', '.join(retyped)}. Nothing was changed. Give the "
+            "input column its earlier type again, or point the output at a new table location and run again.")
+    missing = [f for f in target.schema.fields if f.name.lower() not in have]
+    if not missing:
+        return []
+    columns = ", ".join(f"`{f.name.replace('`', '``')}` {f.dataType.simpleString()}" for f in missing)
+    with_commit_retries(f"{path} (new columns)",
+                        lambda: spark.sql(f"ALTER TABLE {sql_table(path)} ADD COLUMNS ({columns})"))
+    log.info("%s at %s: added column(s) %s, rows kept", what, path, columns)
+    return [f.name for f in missing]
