@@ -4,6 +4,7 @@ with cluster structure and the real schema (local Spark and Delta; the index als
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def test_index_build_update_search_and_staleness(spark: Any, make_config: Any, t
     assert {n: (Path(store.location) / n).read_bytes() for n in base} == base
     delta = [n for n in store.names() if n.startswith("delta-v0-v2") and n.endswith(".faiss")]
     assert len(delta) == 1
-    assert (Path(store.location) / delta[0]).stat().st_size * 20 < len(base["base-v0.faiss"])
+    base_faiss = next(n for n in base if n.endswith(".faiss") and not n.endswith(".trained.faiss"))
+    assert (Path(store.location) / delta[0]).stat().st_size * 20 < len(base[base_faiss])
     loaded = load_index(store, config.index.nprobe)
     assert loaded.index.ntotal == 2_420 == len(loaded.image_ids)
     _, names, _ = loaded.search(np.stack([clustered_vector(i, CLUSTERS) for i in range(200, 210)]), 20)
@@ -122,11 +124,17 @@ def test_index_build_update_search_and_staleness(spark: Any, make_config: Any, t
     assert update_index(spark, config)["action"] == "fresh"
     assert read_manifest(store).version == 3  # type: ignore[union-attr]
 
-    # Past the drift threshold an update builds a new base, and drops the old files.
+    # Past the drift threshold an update builds a new base. The old files stay, retired, for the grace period (a
+    # reader may have read the old manifest); a later write past it deletes them, never a file still named.
     _write(spark, config, 3_000, 600)
+    old = {n for n in store.names() if n.startswith(("base-v0", "delta-"))}
     rebuilt = update_index(spark, config)
     assert rebuilt["action"] == "built" and "645 rows changed since the base of 2400 rows" in rebuilt["reason"]
-    assert rebuilt["rows"] == 3_020 and not [n for n in store.names() if n.startswith(("base-v0", "delta-"))]
+    assert rebuilt["rows"] == 3_020 and old <= set(store.names())
+    assert set(read_manifest(store).retired) == old  # type: ignore[union-attr]
+    assert update_index(spark, config, full=True, grace_s=0)["rows"] == 3_020
+    named = set(read_manifest(store).checksums)  # type: ignore[union-attr]
+    assert set(store.names()) == named | {"manifest.json"} and len(named) == 3
 
 
 def test_exact_search_scores_in_tasks_and_on_the_driver_alike(spark: Any, make_config: Any, tmp_path: Path) -> None:
@@ -185,8 +193,9 @@ def test_index_on_s3_and_the_commands(spark: Any, make_config: Any, s3_server: A
     assert line.startswith("index built (no index yet): flat, 300 rows of model resnet50-") and \
         "at s3a://vectors/index/resnet50-" in line
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="vectors")["Contents"]]
-    assert {k.rsplit("/", 1)[1] for k in keys} == {"manifest.json", "base-v0.faiss", "base-v0.ids.parquet",
-                                                   "base-v0.trained.faiss"}
+    names = sorted(k.rsplit("/", 1)[1] for k in keys)
+    assert len(names) == 4 and names[3] == "manifest.json" and re.fullmatch(r"base-v0-[0-9a-f]{8}", names[0][:16])
+    assert [n[16:] for n in names[:3]] == [".faiss", ".ids.parquet", ".trained.faiss"]
     manifest = json.loads(s3_server.client().get_object(Bucket="vectors", Key=next(
         k for k in keys if k.endswith("manifest.json")))["Body"].read())
     assert manifest["version"] == 0 and manifest["rows"] == 300 and manifest["type"] == "flat"

@@ -85,9 +85,8 @@ def test_the_lease_of_a_killed_holder_is_taken_over_after_it_expires(tmp_path: P
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     left = json.loads(Path(location).read_text())
-    with pytest.raises(LeaseHeldError):  # not expired yet
-        with holding(LeaseSettings(location, wait_seconds=0, ttl_seconds=10), "ingest"):
-            pass
+    with pytest.raises(LeaseHeldError), holding(LeaseSettings(location, wait_seconds=0, ttl_seconds=10), "ingest"):
+        pytest.fail("taken before it expired")
     with holding(LeaseSettings(location, wait_seconds=15, ttl_seconds=10), "ingest") as lease:
         assert lease is not None and json.loads(Path(location).read_text())["owner"] != left["owner"]
 

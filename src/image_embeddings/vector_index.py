@@ -3,27 +3,39 @@
 An index location (``index.location``, default ``<embeddings_table>_index``; local or ``s3a://``) holds one folder
 per model key::
 
-    manifest.json              the table version covered, the index type and the segments, in order
-    base-v12.faiss             the base segment: every vector of version 12, filled per Spark partition
-    base-v12.ids.parquet       its vector ids with image_id and sha256
-    base-v12.trained.faiss     the trained, empty index that every later segment starts from
-    delta-v12-v15.faiss        an update: the current vectors of the image_ids that changed in versions 13-15
-    delta-v12-v15.ids.parquet  their ids (kind ``add``) and every changed image_id's id (kind ``remove``)
+    manifest.json                   the table version covered, the index type, the segments in order, the sha256
+                                    of every file it names and the files it retired (and when)
+    base-v12-1a2b3c4d.faiss         the base segment: every vector of version 12, filled per Spark partition
+    base-v12-1a2b3c4d.ids.parquet   its vector ids with image_id and sha256
+    base-v12-1a2b3c4d.trained.faiss the trained, empty index that every later segment starts from
+    delta-v12-v15-5e6f7a8b.faiss    an update: the current vectors of the image_ids that changed in versions 13-15
+    delta-v12-v15-5e6f7a8b.ids.parquet  their ids (kind ``add``) and every changed image_id's id (kind ``remove``)
 
 A full build trains the coarse quantizer on a sample and fills the base per partition (merged on the driver).
 An update reads the table's change data feed since the covered version and writes one small segment: its cost
 follows the night's changed rows, not the table. Loading applies the segments in order (removals, then
 additions). Once the rows changed since the base pass ``index.rebuild_fraction`` of it (its clusters drift), or
-when the change feed cannot be read, an update builds a new base instead. The manifest is written last: a
-failed build or update leaves the previous index whole.
+when the change feed cannot be read, an update builds a new base instead.
+
+The folder is shared by builds, updates and readers. Every writer writes new files under names no other writer
+uses (a random suffix), then replaces the manifest only if it is still the one it read (a compare-and-swap: a
+conditional put on S3, a check under a lock file locally); otherwise it fails and leaves the other writer's
+manifest whole. A file the manifest stops naming is retired, and deleted by a later write only once
+:data:`GRACE_SECONDS` have passed, so a reader that read the previous manifest can still load it. Names in a
+manifest must be plain file names in the folder, and every file is checked against its recorded sha256 when
+loaded: a damaged index is an error, never a wrong answer.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import os
+import re
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from image_embeddings.config import AppConfig, IndexConfig
+from image_embeddings.lease import leased
 from image_embeddings.uri import is_local, local_path, split_s3
 from image_embeddings.weights import S3Access, s3_client
 
@@ -42,22 +55,76 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which of its builds loads is no news
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest records checksums and retired files; format 1 (no checksums) still loads
+READABLE_FORMATS = (1, 2)
+MANIFEST = "manifest.json"
+GRACE_SECONDS = 3600.0  # a retired file outlives its manifest this long: a reader that read that manifest loads
+MAX_NAME_CHARS = 200
 CHUNK_BYTES = 32 * 1024 * 1024  # serialized partial indexes travel to the driver in rows of this size
 # Delta operations that change no rows: an index covering the version before them is still fresh.
 NO_DATA_CHANGE = ("OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "UNSET TBLPROPERTIES")
+REBUILD = "rebuild it with `image-embeddings index --full`"
 
 
 class VectorIndexError(RuntimeError):
     """The index cannot be built, updated or read; the message says why."""
 
 
+class IndexDamagedError(VectorIndexError):
+    """A file the manifest names is missing, unreadable or does not match its recorded checksum."""
+
+
+class UnsafeIndexNameError(IndexDamagedError):
+    """The manifest names something other than a plain file inside the index folder."""
+
+
+class ManifestChangedError(VectorIndexError):
+    """Another writer replaced the manifest after this writer read it."""
+
+
 # ---------------------------------------------------------------------------------------------------------
-# storage
+# names and storage
+
+_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` is not a plain file name inside an index folder, or None when it is."""
+    if not isinstance(name, str) or not name:
+        return "not a non-empty string"
+    if len(name) > MAX_NAME_CHARS:
+        return f"longer than {MAX_NAME_CHARS} characters"
+    if "/" in name or "\\" in name:
+        return "a path, not a file name"
+    if ".." in name:
+        return "contains '..'"
+    if name.startswith("."):
+        return "a hidden name (the folder's own temporary and lock files start with '.')"
+    if not _PLAIN.fullmatch(name):
+        return "has characters other than A-Z a-z 0-9 . _ -"
+    return None
+
+
+def checked_name(name: object, folder: str) -> str:
+    """``name`` when it is a plain file name, else :class:`UnsafeIndexNameError` naming it and ``folder``."""
+    why = name_problem(name)
+    if why is not None:
+        raise UnsafeIndexNameError(f"the index at {folder} names {name!r}, which is not a plain file name inside "
+                                   f"the folder ({why}): nothing is read or deleted by it; {REBUILD}")
+    assert isinstance(name, str)
+    return name
+
+
+def sha256_hex(data: bytes) -> str:
+    """The checksum the manifest records for a file."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class Store:
-    """Files of one index folder on a local file system or S3 (boto3, credentials from the provider chain)."""
+    """Files of one index folder on a local file system or S3 (boto3, credentials from the provider chain).
+
+    Every name is checked to be a plain file name (:func:`checked_name`): nothing outside the folder is touched.
+    """
 
     def __init__(self, location: str, endpoint: str | None = None, region: str | None = None) -> None:
         self.location = location.rstrip("/")
@@ -70,46 +137,101 @@ class Store:
         return self._client
 
     def _key(self, name: str) -> tuple[str, str]:
-        return split_s3(f"{self.location}/{name}")
+        return split_s3(f"{self.location}/{checked_name(name, self.location) if name else ''}")
+
+    def _local(self, name: str) -> Any:
+        return local_path(self.location) / checked_name(name, self.location)
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
+        return self.read_versioned(name)[0]
+
+    def read_versioned(self, name: str) -> tuple[bytes | None, str | None]:
+        """The file's bytes and a token of this version of it (S3: its ETag; locally: its sha256), or (None, None)
+        when it does not exist."""
         if is_local(self.location):
-            path = local_path(self.location) / name
-            return path.read_bytes() if path.is_file() else None
+            path = self._local(name)
+            try:  # O_NOFOLLOW: a link in the folder must not lead a reader outside it
+                with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return None, None
+            except OSError as exc:  # a link, a folder, no permission
+                raise IndexDamagedError(f"the index file {self.location}/{name} cannot be read ({exc}): "
+                                        f"{REBUILD}") from None
+            return data, sha256_hex(data)
         bucket, key = self._key(name)
         try:
-            body: bytes = self._s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+            found = self._s3().get_object(Bucket=bucket, Key=key)
         except self._s3().exceptions.NoSuchKey:
-            return None
-        return body
+            return None, None
+        body: bytes = found["Body"].read()
+        return body, str(found["ETag"])
 
     def write(self, name: str, data: bytes) -> None:
         """Write a whole file at once (a reader sees the old file or the new one)."""
         if is_local(self.location):
-            folder = local_path(self.location)
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{name}.part"
+            target = self._local(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.parent / f".{name}.{secrets.token_hex(4)}.part"  # two writers never share one
             partial.write_bytes(data)
-            partial.replace(folder / name)
+            partial.replace(target)
             return
         bucket, key = self._key(name)
         self._s3().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def replace_if(self, name: str, data: bytes, expected: str | None) -> bool:
+        """Write ``name`` only if its current version still has the token ``expected`` (None: only if it does
+        not exist); False, writing nothing, when it changed."""
+        if not is_local(self.location):
+            return self._put_if(name, data, expected)
+        target = self._local(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.parent / f".{name}.{secrets.token_hex(4)}.part"
+        partial.write_bytes(data)
+        try:
+            with open(target.parent / f".{name}.lock", "a") as lock:
+                # Writers of this folder take turns between the check and the replace; readers take no lock
+                # (os.replace shows them the old file or the new one), and a dead writer's lock goes with it.
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.read_versioned(name)[1] != expected:
+                    return False
+                os.replace(partial, target)
+                return True
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _put_if(self, name: str, data: bytes, expected: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._key(name)
+        condition = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
+        try:
+            self._s3().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the ETag no longer matches (or the key now exists); 409: a concurrent conditional put won
+            if error.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise
+        return True
 
     def delete(self, names: Sequence[str]) -> None:
         """Remove files that are no longer referenced; missing ones are fine."""
         for name in names:
             if is_local(self.location):
-                (local_path(self.location) / name).unlink(missing_ok=True)
+                self._local(name).unlink(missing_ok=True)
             else:
                 bucket, key = self._key(name)
                 self._s3().delete_object(Bucket=bucket, Key=key)
 
     def names(self) -> list[str]:
-        """The files in the folder."""
+        """The files in the folder, not counting the hidden temporary and lock files of local writers."""
         if is_local(self.location):
             folder = local_path(self.location)
-            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+            return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
+                if folder.is_dir() else []
         bucket, prefix = self._key("")
         pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(o["Key"][len(prefix):] for page in pages for o in page.get("Contents", []))
@@ -342,7 +464,12 @@ def fill_from_feed(feed: pd.DataFrame, trained: bytes) -> tuple[Any, Any]:
 
 @dataclass
 class Manifest:
-    """What an index folder holds; written last by every build or update."""
+    """What an index folder holds; written last by every build or update.
+
+    ``checksums`` maps every file it names to the sha256 of its bytes, checked on load. A format-1 manifest
+    (written by the release before checksums) has none: it still loads, its files unverified (logged), until a
+    rebuild replaces them. ``retired`` maps files that an earlier manifest named to when they stopped being named.
+    """
 
     model_key: str
     table: str
@@ -357,6 +484,8 @@ class Manifest:
     segments: list[dict[str, Any]] = field(default_factory=list)
     built_at: float = 0.0
     updated_at: float = 0.0
+    checksums: dict[str, str] = field(default_factory=dict)
+    retired: dict[str, float] = field(default_factory=dict)
     format: int = FORMAT
 
     def to_json(self) -> bytes:
@@ -367,28 +496,127 @@ class Manifest:
         return Manifest(**json.loads(data))
 
 
-def read_manifest(store: Store) -> Manifest | None:
-    """The index's manifest, or None when there is no index yet."""
-    data = store.read("manifest.json")
-    if data is None:
-        return None
+@dataclass(frozen=True)
+class ManifestRead:
+    """A manifest as a writer read it: the token its compare-and-swap checks (S3 ETag or local sha256; None when
+    there was no manifest) and what it named and retired then (the writer may change ``manifest`` in place)."""
+
+    manifest: Manifest | None
+    token: str | None
+    files: tuple[str, ...] = ()
+    retired: tuple[tuple[str, float], ...] = ()
+
+
+def _files(manifest: Manifest) -> list[str]:
+    names = [manifest.trained]
+    for segment in manifest.segments:
+        names += [f"{segment['name']}.faiss", f"{segment['name']}.ids.parquet"]
+    return names
+
+
+def _well_formed(manifest: Manifest) -> bool:
+    return (isinstance(manifest.segments, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                                        for s in manifest.segments)
+            and isinstance(manifest.checksums, dict) and all(isinstance(v, str) for v in manifest.checksums.values())
+            and isinstance(manifest.retired, dict)
+            and all(isinstance(t, (int, float)) for t in manifest.retired.values()))
+
+
+def parse_manifest(data: bytes, folder: str) -> Manifest:
+    """A manifest's bytes as a :class:`Manifest`; refuses an unreadable one, another format, and (before any name
+    is used as a path) every name that is not a plain file in ``folder`` (:class:`UnsafeIndexNameError`)."""
     try:
         manifest = Manifest.from_json(data)
     except (ValueError, TypeError) as exc:
-        raise VectorIndexError(f"the index manifest {store.location}/manifest.json is unreadable: {exc}") from exc
-    if manifest.format != FORMAT:
-        raise VectorIndexError(f"the index at {store.location} has format {manifest.format}, this release reads "
-                          f"{FORMAT}: rebuild it with `image-embeddings index --full`")
+        raise VectorIndexError(f"the index manifest {folder}/{MANIFEST} is unreadable: {exc}; {REBUILD}") from exc
+    if not _well_formed(manifest):
+        raise VectorIndexError(f"the index manifest {folder}/{MANIFEST} is unreadable: malformed segments, "
+                               f"checksums or retired files; {REBUILD}")
+    if manifest.format not in READABLE_FORMATS:
+        raise VectorIndexError(f"the index at {folder} has format {manifest.format}, this release reads "
+                               f"{', '.join(map(str, READABLE_FORMATS))}: {REBUILD}")
+    names = [manifest.trained, *(s["name"] for s in manifest.segments), *manifest.checksums, *manifest.retired]
+    for name in names:
+        checked_name(name, folder)
+    for name in [*_files(manifest), *manifest.checksums, *manifest.retired]:
+        if checked_name(name, folder) == MANIFEST:  # retiring it would delete the index's own manifest
+            raise UnsafeIndexNameError(f"the index at {folder} names its own {MANIFEST} as a data file: {REBUILD}")
     return manifest
 
 
-def build_index(spark: SparkSession, config: AppConfig, version: int, reason: str) -> dict[str, Any]:
-    """Train on a sample of the rows at ``version`` and fill a new base segment; replaces the previous index."""
+def read_state(store: Store, lenient: bool = False) -> ManifestRead:
+    """The manifest and the token a later :func:`write_manifest` checks. ``lenient`` (a full build, which replaces
+    whatever is there): a manifest that cannot be used reads as none, so nothing it names is touched."""
+    data, token = store.read_versioned(MANIFEST)
+    if data is None:
+        return ManifestRead(None, None)
+    try:
+        manifest = parse_manifest(data, store.location)
+    except VectorIndexError as exc:
+        if not lenient:
+            raise
+        log.warning("replacing the index at %s, whose manifest cannot be used: %s", store.location, exc)
+        return ManifestRead(None, token)
+    return ManifestRead(manifest, token, tuple(_files(manifest)), tuple(manifest.retired.items()))
+
+
+def read_manifest(store: Store) -> Manifest | None:
+    """The index's manifest, or None when there is no index yet."""
+    return read_state(store).manifest
+
+
+def write_manifest(store: Store, manifest: Manifest, read: ManifestRead, new_files: Sequence[str] = (),
+                   grace_s: float | None = None) -> list[str]:
+    """Replace the manifest with ``manifest`` if it is still the one ``read`` saw; returns the files deleted.
+
+    Files ``read`` named that ``manifest`` does not are retired now, and retired files older than ``grace_s``
+    (default :data:`GRACE_SECONDS`) are deleted once the new manifest is in place: a reader or writer that read
+    an older manifest keeps its files that long. When another writer replaced the manifest meanwhile:
+    :class:`ManifestChangedError`, its manifest stays, and this writer's ``new_files`` (named by no manifest) go.
+    """
+    grace = GRACE_SECONDS if grace_s is None else grace_s
+    now = time.time()
+    keep = set(_files(manifest))
+    retired = {n: t for n, t in read.retired if n not in keep}
+    retired.update({n: now for n in read.files if n not in keep and n not in retired})
+    due = sorted(n for n, t in retired.items() if now - t >= grace)
+    manifest.retired = {n: t for n, t in retired.items() if n not in due}
+    manifest.checksums = {n: s for n, s in manifest.checksums.items() if n in keep}
+    manifest.format = FORMAT
+    data = manifest.to_json()
+    parse_manifest(data, store.location)  # never write a manifest that readers would refuse
+    # A put whose reply was lost and retried meets its own ETag: the manifest then holds this writer's bytes.
+    if not store.replace_if(MANIFEST, data, read.token) and (current := store.read(MANIFEST)) != data:
+        _discard(store, new_files, current)
+        raise ManifestChangedError(f"another writer replaced the index manifest at {store.location}/{MANIFEST} "
+                                   "while this one ran (its index stays): run again")
+    store.delete(due)
+    return due
+
+
+def _discard(store: Store, names: Sequence[str], current: bytes | None) -> None:
+    """Remove a losing writer's new files, except any that the current manifest names."""
+    named: set[str] = set()
+    if current is not None:
+        try:
+            named = set(_files(parse_manifest(current, store.location)))
+        except VectorIndexError:
+            return  # the current manifest cannot be read: leave everything as it is
+    try:
+        store.delete([n for n in names if n not in named])
+    except Exception as exc:  # garbage left behind must not hide the conflict
+        log.warning("could not remove the unused files %s from %s: %s", list(names), store.location, exc)
+
+
+def build_index(spark: SparkSession, config: AppConfig, version: int, reason: str,
+                grace_s: float | None = None) -> dict[str, Any]:
+    """Train on a sample of the rows at ``version`` and fill a new base segment; replaces the previous index
+    (whose files are retired, see :func:`write_manifest`)."""
     started = time.perf_counter()
     settings = config.index
     rows, key = model_table(spark, config, version)
     store = store_for(config, key)
-    previous = read_manifest(store)
+    read = read_state(store, lenient=True)  # read before the work: a writer that replaces it meanwhile wins
     n = rows.count()
     kind = choose_type(n, settings)
     nlist = min(list_count(kind, n), max(1, n))
@@ -401,32 +629,70 @@ def build_index(spark: SparkSession, config: AppConfig, version: int, reason: st
                                   or [np.zeros((0, 0), np.float32)])
     if not len(training):
         raise VectorIndexError(f"the embeddings table {config.output.embeddings_table} has no embedded rows for "
-                          f"model {key} at version {version}")
-    dim = training.shape[1]
-    index = new_index(kind, dim, nlist)
+                               f"model {key} at version {version}")
+    index = new_index(kind, training.shape[1], nlist)
     index.train(training)
     trained = _serialize(index)
     merged, ids = fill(spark, rows, trained)
+    manifest, written = commit_base(store, read, key, config.output.embeddings_table, version, trained, merged, ids,
+                                    kind=kind, nlist=nlist, grace_s=grace_s)
+    seconds = time.perf_counter() - started
+    log.info("index built for model %s at table version %d: %s, %d rows, %d lists, %.1f s (%s)", key, version,
+             kind, manifest.rows, nlist, seconds, reason)
+    return {"action": "built", "reason": reason, "model_key": key, "version": version, "type": kind,
+            "rows": manifest.rows, "nlist": nlist, "elapsed_s": round(seconds, 3), "location": store.location,
+            "bytes": written}
+
+
+def commit_base(store: Store, read: ManifestRead, key: str, table: str, version: int, trained: bytes, index: Any,
+                ids: Any, *, kind: str, nlist: int, grace_s: float | None = None) -> tuple[Manifest, int]:
+    """Write a base segment (the ``trained`` empty index, the filled ``index`` and its ``ids``) under new names,
+    then a manifest naming only it (:func:`write_manifest`); returns the manifest and the bytes written."""
     _check_unique(ids)
-    name = f"base-v{version}"
-    files = {f"{name}.trained.faiss": trained, f"{name}.faiss": _serialize(merged),
-             f"{name}.ids.parquet": _parquet(ids)}
+    name = f"base-v{version}-{secrets.token_hex(4)}"  # never a name that a live or retired manifest uses
+    files = {f"{name}.trained.faiss": trained, f"{name}.faiss": _serialize(index), f"{name}.ids.parquet": _parquet(ids)}
     for file_name, data in files.items():
         store.write(file_name, data)
     now = time.time()
-    manifest = Manifest(model_key=key, table=config.output.embeddings_table, version=version, type=kind,
-                        nlist=nlist, dim=dim, trained=f"{name}.trained.faiss", base_rows=int(merged.ntotal),
-                        rows=int(merged.ntotal), segments=[{"name": name, "added": int(merged.ntotal), "removed": 0,
-                                                            "from_version": None, "to_version": version}],
-                        built_at=now, updated_at=now)
-    store.write("manifest.json", manifest.to_json())
-    _drop_unreferenced(store, manifest, previous)
-    seconds = time.perf_counter() - started
-    log.info("index built for model %s at table version %d: %s, %d rows, %d lists, %.1f s (%s)", key, version,
-             kind, merged.ntotal, nlist, seconds, reason)
-    return {"action": "built", "reason": reason, "model_key": key, "version": version, "type": kind,
-            "rows": int(merged.ntotal), "nlist": nlist, "elapsed_s": round(seconds, 3), "location": store.location,
-            "bytes": sum(len(data) for data in files.values())}
+    rows = int(index.ntotal)
+    manifest = Manifest(model_key=key, table=table, version=version, type=kind, nlist=nlist, dim=int(index.d),
+                        trained=f"{name}.trained.faiss", base_rows=rows, rows=rows,
+                        segments=[{"name": name, "added": rows, "removed": 0, "from_version": None,
+                                   "to_version": version}],
+                        built_at=now, updated_at=now, checksums={n: sha256_hex(d) for n, d in files.items()})
+    write_manifest(store, manifest, read, list(files), grace_s)
+    return manifest, sum(len(data) for data in files.values())
+
+
+def commit_update(store: Store, read: ManifestRead, version: int, touched: Sequence[str], existed: int,
+                  delta: Any = None, ids: Any = None, grace_s: float | None = None) -> tuple[Manifest, int]:
+    """Append a segment to the manifest ``read`` (``delta`` holding the vectors ``ids`` adds; removing the
+    ``touched`` image_ids, ``existed`` of which were indexed) and move it to ``version``; with nothing touched
+    only the covered version moves. Returns the manifest and the vectors added."""
+    import pyarrow as pa
+
+    manifest = read.manifest
+    assert manifest is not None, "an update starts from a manifest"
+    added = 0
+    written: list[str] = []
+    if touched:
+        _check_unique(ids)
+        name = f"delta-v{manifest.version}-v{version}-{secrets.token_hex(4)}"
+        removed = _ids_table(vector_ids(touched), touched, [None] * len(touched), "remove")
+        for file_name, data in ((f"{name}.faiss", _serialize(delta)),
+                                (f"{name}.ids.parquet", _parquet(pa.concat_tables([removed, ids])))):
+            store.write(file_name, data)
+            manifest.checksums[file_name] = sha256_hex(data)
+            written.append(file_name)
+        added = int(delta.ntotal)
+        manifest.segments.append({"name": name, "added": added, "removed": len(touched),
+                                  "from_version": manifest.version, "to_version": version})
+        manifest.rows += added - existed
+    manifest.version = version
+    manifest.changed_since_base += len(touched)
+    manifest.updated_at = time.time()
+    write_manifest(store, manifest, read, written, grace_s)
+    return manifest, added
 
 
 def _check_unique(ids: Any) -> None:
@@ -434,55 +700,79 @@ def _check_unique(ids: Any) -> None:
 
     if len(pc.unique(ids.column("id"))) != ids.num_rows:
         raise VectorIndexError("two image_ids share a 63-bit vector id (or an image_id is duplicated for one model); "
-                          "the index cannot tell them apart")
+                               "the index cannot tell them apart")
 
 
-def _files(manifest: Manifest) -> list[str]:
-    names = [manifest.trained]
-    for segment in manifest.segments:
-        names += [f"{segment['name']}.faiss", f"{segment['name']}.ids.parquet"]
-    return names
-
-
-def _drop_unreferenced(store: Store, manifest: Manifest, previous: Manifest | None) -> None:
-    if previous is not None:
-        keep = set(_files(manifest))
-        store.delete([n for n in _files(previous) if n not in keep])
-
-
-def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> dict[str, Any]:
+def update_index(spark: SparkSession, config: AppConfig, full: bool = False,
+                 grace_s: float | None = None) -> dict[str, Any]:
     """Bring the index of this config's model to the embeddings table's current version.
 
     Writes one segment with the changed image_ids (read from the change data feed since the covered version),
     or a new base when asked (``full``), when there is none, when the feed cannot be read, or once the rows
-    changed since the base pass ``index.rebuild_fraction`` of it.
+    changed since the base pass ``index.rebuild_fraction`` of it. Files no longer named are deleted after
+    ``grace_s`` (default :data:`GRACE_SECONDS`) by a later write.
     """
-    from pyspark.sql import functions as F
-
     from image_embeddings.similar import config_key
-    from image_embeddings.tables import MAX_LITERAL_KEYS, in_ranges, key_ranges, table_version
+    from image_embeddings.tables import table_version
 
     table = config.output.embeddings_table
     version = table_version(spark, table)
     if version is None:
         raise VectorIndexError(f"there is no embeddings table at {table} yet: run stage 2 first")
     key = config_key(config)
+    if full:  # before reading the manifest: a full build also replaces one that cannot be used
+        return build_index(spark, config, version, "asked for (--full)", grace_s)
     store = store_for(config, key)
-    manifest = read_manifest(store)
-    if full:
-        return build_index(spark, config, version, "asked for (--full)")
+    read = read_state(store)
+    manifest = read.manifest
     if manifest is None:
-        return build_index(spark, config, version, "no index yet")
+        return build_index(spark, config, version, "no index yet", grace_s)
     if manifest.version == version:
         return {"action": "fresh", "model_key": key, "version": version, "type": manifest.type,
                 "rows": manifest.rows, "location": store.location}
     if manifest.version > version:
         return build_index(spark, config, version, f"the index covers version {manifest.version}, newer than "
-                                                   f"the table's {version} (table restored?)")
+                                                   f"the table's {version} (table restored?)", grace_s)
     started = time.perf_counter()
+    changes = _changes(spark, config, key, manifest.version, version)
+    if isinstance(changes, str):
+        return build_index(spark, config, version, changes, grace_s)
+    night, before = changes
+    touched = sorted(before)
+    if manifest.changed_since_base + len(touched) > config.index.rebuild_fraction * max(manifest.base_rows, 1):
+        return build_index(spark, config, version, f"{manifest.changed_since_base + len(touched)} rows changed "
+                                                   f"since the base of {manifest.base_rows} rows (threshold "
+                                                   f"{config.index.rebuild_fraction:.0%})", grace_s)
+    delta = ids = None
+    if touched:
+        try:
+            trained = _verified(store, manifest, manifest.trained)
+        except IndexDamagedError:
+            return build_index(spark, config, version, f"the trained index {manifest.trained} is missing or "
+                                                       "damaged", grace_s)
+        delta, ids = _fill_changed(spark, config, version, night, touched, trained)
+    previous_version = manifest.version
+    manifest, added = commit_update(store, read, version, touched, sum(before.values()), delta, ids, grace_s)
+    seconds = time.perf_counter() - started
+    log.info("index of model %s updated from table version %d to %d: %d image_ids changed, %d vectors added, "
+             "%.1f s", key, previous_version, version, len(touched), added, seconds)
+    return {"action": "updated" if touched else "fresh", "model_key": key, "from_version": previous_version,
+            "version": version, "type": manifest.type, "changed": len(touched), "added": added,
+            "rows": manifest.rows, "elapsed_s": round(seconds, 3), "location": store.location,
+            "segments": len(manifest.segments)}
+
+
+def _changes(spark: SparkSession, config: AppConfig, key: str, covered: int, version: int
+             ) -> tuple[Any, dict[str, bool]] | str:
+    """Model ``key``'s change feed after version ``covered`` up to ``version``: (its rows with vectors when few
+    enough, else None; for each changed image_id whether it was indexed before), or why to build a base instead."""
+    from pyspark.sql import functions as F
+
+    from image_embeddings.tables import MAX_LITERAL_KEYS
+
     feed = (spark.read.format("delta").option("readChangeFeed", "true")
-            .option("startingVersion", manifest.version + 1).option("endingVersion", version).load(table)
-            .where(F.col("model_key") == key))
+            .option("startingVersion", covered + 1).option("endingVersion", version)
+            .load(config.output.embeddings_table).where(F.col("model_key") == key))
     try:  # a night's changes: one Arrow collect of the feed, vectors included; more: their keys only
         night: Any = feed.select("image_id", "sha256", "_change_type", "_commit_version", "embedding") \
             .limit(LOCAL_FILL_ROWS + 1).toPandas()
@@ -495,50 +785,25 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False) -> 
             found = feed.select("image_id", "_change_type", "_commit_version", F.col("embedding").isNotNull()) \
                 .limit(4 * MAX_LITERAL_KEYS + 1).collect()
     except Exception as exc:  # not enabled for those versions, or vacuumed
-        return build_index(spark, config, version, f"the change feed after version {manifest.version} is "
-                                                   f"unreadable: {str(exc).splitlines()[0][:200]}")
+        return f"the change feed after version {covered} is unreadable: {str(exc).splitlines()[0][:200]}"
     before = existed_before([(r[0], r[1], int(r[2]), bool(r[3])) for r in found])
-    touched = sorted(before)
-    if len(found) > 4 * MAX_LITERAL_KEYS or len(touched) > MAX_LITERAL_KEYS:
-        return build_index(spark, config, version, f"more than {MAX_LITERAL_KEYS:,} image_ids changed")
-    if manifest.changed_since_base + len(touched) > config.index.rebuild_fraction * max(manifest.base_rows, 1):
-        return build_index(spark, config, version, f"{manifest.changed_since_base + len(touched)} rows changed "
-                                                   f"since the base of {manifest.base_rows} rows (threshold "
-                                                   f"{config.index.rebuild_fraction:.0%})")
-    name = f"delta-v{manifest.version}-v{version}"
-    added = 0
-    if touched:
-        import pyarrow as pa
+    if len(found) > 4 * MAX_LITERAL_KEYS or len(before) > MAX_LITERAL_KEYS:
+        return f"more than {MAX_LITERAL_KEYS:,} image_ids changed"
+    return night, before
 
-        trained = store.read(manifest.trained)
-        if trained is None:
-            return build_index(spark, config, version, f"the trained index {manifest.trained} is missing")
-        if night is not None:  # the feed's last image of each changed row is its current vector
-            delta, ids = fill_from_feed(night, trained)
-        else:
-            rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
-            delta, ids = fill(spark, rows.where(in_ranges("image_id", key_ranges(touched)) &
-                                                F.col("image_id").isin(touched)), trained)
-        _check_unique(ids)
-        removed = _ids_table(vector_ids(touched), touched, [None] * len(touched), "remove")
-        store.write(f"{name}.faiss", _serialize(delta))
-        store.write(f"{name}.ids.parquet", _parquet(pa.concat_tables([removed, ids])))
-        added = int(delta.ntotal)
-        manifest.segments.append({"name": name, "added": added, "removed": len(touched),
-                                  "from_version": manifest.version, "to_version": version})
-        manifest.rows += added - sum(before.values())
-    previous_version = manifest.version
-    manifest.version = version
-    manifest.changed_since_base += len(touched)
-    manifest.updated_at = time.time()
-    store.write("manifest.json", manifest.to_json())
-    seconds = time.perf_counter() - started
-    log.info("index of model %s updated from table version %d to %d: %d image_ids changed, %d vectors added, "
-             "%.1f s", key, previous_version, version, len(touched), added, seconds)
-    return {"action": "updated" if touched else "fresh", "model_key": key, "from_version": previous_version,
-            "version": version, "type": manifest.type, "changed": len(touched), "added": added,
-            "rows": manifest.rows, "elapsed_s": round(seconds, 3), "location": store.location,
-            "segments": len(manifest.segments)}
+
+def _fill_changed(spark: SparkSession, config: AppConfig, version: int, night: Any, touched: list[str],
+                  trained: bytes) -> tuple[Any, Any]:
+    """The current vectors of the ``touched`` image_ids in copies of the ``trained`` index."""
+    from pyspark.sql import functions as F
+
+    from image_embeddings.tables import in_ranges, key_ranges
+
+    if night is not None:  # the feed's last image of each changed row is its current vector
+        return fill_from_feed(night, trained)
+    rows, _ = model_table(spark, config, version, check=False)  # the manifest names this model
+    return fill(spark, rows.where(in_ranges("image_id", key_ranges(touched)) & F.col("image_id").isin(touched)),
+                trained)
 
 
 ORDER = {"update_preimage": 0, "delete": 0, "insert": 1, "update_postimage": 1}
@@ -555,14 +820,29 @@ def existed_before(changes: list[tuple[str, str, int, bool]]) -> dict[str, bool]
     return {i: e[2] in ("update_preimage", "delete") and e[3] for i, e in first.items()}
 
 
-def _read_ids(store: Store, name: str) -> Any:
+def _verified(store: Store, manifest: Manifest, name: str) -> bytes:
+    """The bytes of a file the manifest names, checked against its recorded sha256 (when it has one)."""
+    data = store.read(name)
+    if data is None:
+        raise IndexDamagedError(f"the index at {store.location} is damaged: it lacks {name}; {REBUILD}")
+    expected = manifest.checksums.get(name)
+    if expected is not None and sha256_hex(data) != expected:
+        raise IndexDamagedError(f"the index at {store.location} is damaged: {name} ({len(data):,} bytes) does not "
+                                f"match the sha256 its manifest records (corrupted, truncated or replaced); {REBUILD}")
+    return data
+
+
+def _decoded(store: Store, manifest: Manifest, name: str) -> Any:
+    """A verified segment file, deserialized (a faiss index or an ids table)."""
     import pyarrow.parquet as pq
 
-    data = store.read(f"{name}.ids.parquet")
-    if data is None:
-        raise VectorIndexError(f"the index at {store.location} lacks {name}.ids.parquet: rebuild it with "
-                          "`image-embeddings index --full`")
-    return pq.read_table(io.BytesIO(data))
+    data = _verified(store, manifest, name)
+    try:
+        return pq.read_table(io.BytesIO(data)) if name.endswith(".parquet") else _deserialize(data)
+    except Exception as exc:  # an unverified (format-1) file can still be broken
+        raise IndexDamagedError(f"the index at {store.location} is damaged: {name} cannot be read "
+                                f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+                                f"{REBUILD}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -603,21 +883,26 @@ class LoadedIndex:
 
 
 def load_index(store: Store, nprobe: int) -> LoadedIndex:
-    """Read the base and apply every later segment: its removals, then its additions."""
+    """Read the base and apply every later segment: its removals, then its additions.
+
+    Each file is checked against the sha256 the manifest records: a missing, corrupted or replaced file is an
+    :class:`IndexDamagedError` (a search must not answer from it). Files of a format-1 manifest (no checksums)
+    load unverified.
+    """
     import pandas as pd
 
     manifest = read_manifest(store)
     if manifest is None:
         raise VectorIndexError(f"there is no index at {store.location}")
+    unverified = [n for n in _files(manifest)[1:] if n not in manifest.checksums]
+    if unverified:
+        log.warning("the index at %s has no checksums of %s (written by an earlier release): loading them "
+                    "unverified; `image-embeddings index --full` records them", store.location, unverified)
     index = None
     maps: list[pd.DataFrame] = []
     for segment in manifest.segments:
-        data = store.read(f"{segment['name']}.faiss")
-        if data is None:
-            raise VectorIndexError(f"the index at {store.location} lacks {segment['name']}.faiss: rebuild it with "
-                              "`image-embeddings index --full`")
-        part = _deserialize(data)
-        ids = _read_ids(store, segment["name"]).to_pandas()
+        part = _decoded(store, manifest, f"{segment['name']}.faiss")
+        ids = _decoded(store, manifest, f"{segment['name']}.ids.parquet").to_pandas()
         removed = ids.loc[ids["kind"] == "remove", "id"].to_numpy(np.int64)
         if index is None:
             index = part
@@ -664,6 +949,7 @@ def cached_index(store: Store, version: int, nprobe: int) -> LoadedIndex:
     return _LOADED[key]
 
 
+@leased("index")
 def run_index(spark: SparkSession, config: AppConfig, full: bool = False, run_id: str | None = None,
               report_file: str | None = None, run_date: str | None = None) -> Any:
     """:func:`update_index` with a run report (also appended to the runs table)."""
