@@ -93,3 +93,54 @@ def test_the_cause_of_a_jvm_failure_in_one_line() -> None:
         except KeyError as inner:
             raise ValueError("outer\nsecond line") from inner
     assert failure_line(info.value) == "KeyError: 'inner'"
+
+
+@pytest.mark.xdist_group("processes")
+def test_the_store_stopped_mid_run_fails_in_few_lines(tmp_path: Path, s3_server: Any) -> None:
+    """The object store goes away after the files table is written: the images table write and the runs-table
+    append both fail, and the console still shows a handful of lines, the last naming the cause."""
+    import threading
+    import time
+
+    from image_embeddings import s3server
+    from image_embeddings.sample import PHOTOS, encode, photo
+
+    server = s3server.start(tmp_path / "minio", access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    client = server.client()
+    client.create_bucket(Bucket="store")
+    for name in PHOTOS[:4]:
+        client.put_object(Bucket="store", Key=f"raw/{name}.jpg", Body=encode(photo(name), size=(320, 240)))
+    write_sales(tmp_path / "sales", list(PHOTOS[:4]))
+
+    def stop_after_the_files_commit() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            listed = client.list_objects_v2(Bucket="store", Prefix="delta/images_files/_delta_log/")
+            if any(o["Key"].endswith(".json") for o in listed.get("Contents", [])):
+                break
+            time.sleep(0.05)
+        server.stop()
+
+    stopper = threading.Thread(target=stop_after_the_files_commit)
+    stopper.start()
+    args = [sys.executable, "-m", "image_embeddings", "ingest", "--config", str(REPO / "conf" / "local.yaml"),
+            *[a for s in ("input.images=s3a://store/raw", f"input.sales={tmp_path / 'sales'}",
+                          "output.images_table=s3a://store/delta/images",
+                          "output.embeddings_table=s3a://store/delta/embeddings",
+                          "output.runs_table=s3a://store/delta/runs", f"s3.endpoint={server.endpoint}", "s3.ssl=false",
+                          "s3.max_attempts=1", "s3.retry_limit=0", f"lease.location={tmp_path / 'lease.json'}",
+                          "spark.conf.spark.hadoop.fs.s3a.connection.establish.timeout=2s",
+                          f"spark.ivy_dir={REPO / '.cache' / 'ivy'}") for a in ("--set", s)]]
+    env = {**os.environ, **server.env(), "IMAGE_EMBEDDINGS_LOG_DIR": str(tmp_path / "logs")}
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    finally:
+        stopper.join(timeout=60)
+        server.stop()
+    console = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1, console[-20:]
+    assert len(console) < 40 and not [line for line in console if any(n in line for n in NOISE)], console
+    assert any("could not append the run report to s3a://store/delta/runs: cannot reach the object store" in line
+               for line in console), console
+    assert f"ingest failed: cannot reach the object store at 127.0.0.1:{port}: connection refused" in console[-1]

@@ -167,7 +167,9 @@ def test_object_store_outage_and_a_transient_stall(spark: Any, make_config: Any,
     for name in names[:4]:
         client.put_object(Bucket="flaky", Key=f"raw/{name}.jpg", Body=encode(photo(name), size=(320, 240)))
     write_sales(local / "sales", names)
-    config = make_config("s3a://flaky/raw", local / "sales", "model.weights=random:0", tables="s3a://flaky/delta")
+    # The lease's boto3 client knows s3.endpoint only, not this bucket's own endpoint: the lease stays local.
+    config = make_config("s3a://flaky/raw", local / "sales", "model.weights=random:0", f"lease.location={local}/lease",
+                         tables="s3a://flaky/delta")
     run_ingest(spark, config)
 
     # A stall shorter than the client's timeouts (the server paused, then resumed) does not fail the run.
