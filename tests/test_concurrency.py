@@ -95,3 +95,38 @@ def test_reports_and_their_log_line_redact_credentials() -> None:
     assert data["metrics"]["s3"] == {"secret_key": "***", "aws_access_key_id": "***",
                                      "aws.credentials.provider": "default", "endpoint": "http://127.0.0.1:9000"}
     assert "session_token=***" in report.summary() and "files=3" in report.summary()
+
+
+def test_a_first_run_that_loses_the_race_to_create_the_table_merges_into_it(spark: Any, tmp_path: Path) -> None:
+    from pyspark.sql import functions as F
+
+    table = str(tmp_path / "new_table")
+    started, other_done, first_attempt = (str(tmp_path / n) for n in ("started", "other_done", "first"))
+
+    @F.udf("INT")
+    def value_after_the_other_creator(v: int) -> int:
+        # Our create is under way (the table did not exist when it started): let the other run create it first.
+        import os
+        import time as clock
+
+        if not os.path.exists(first_attempt):
+            open(first_attempt, "w").close()
+            open(started, "w").close()
+            deadline = clock.monotonic() + 120
+            while not os.path.exists(other_done) and clock.monotonic() < deadline:
+                clock.sleep(0.05)
+        return v
+
+    def other_creator() -> None:
+        _wait_for(Path(started))
+        merge_changes(spark, table, spark.createDataFrame([("a", 1), ("b", 2)], "k STRING, v INT"), None, "k")
+        Path(other_done).touch()
+
+    thread = threading.Thread(target=other_creator)
+    thread.start()
+    mine = spark.createDataFrame([("b", 20), ("c", 3)], "k STRING, v INT").withColumn(
+        "v", value_after_the_other_creator("v"))
+    _, attempts = with_commit_retries("new table", lambda: merge_changes(spark, table, mine, None, "k"))
+    thread.join(timeout=120)
+    assert attempts == 2, "the first attempt lost the race to create the table"
+    assert {r.k: r.v for r in spark.read.format("delta").load(table).collect()} == {"a": 1, "b": 20, "c": 3}
