@@ -106,8 +106,15 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
     classes = {c["Classification"]: c for c in cluster["Configurations"]}
     assert classes["delta-defaults"]["Properties"] == {"delta.enabled": "true"}
     assert classes["yarn-site"]["Properties"]["yarn.nodemanager.resource-plugins"] == "yarn.io/gpu"
-    assert classes["spark-defaults"]["Properties"]["spark.executor.resource.gpu.discoveryScript"] == (
-        "/usr/lib/spark/scripts/gpu/getGpusResources.sh")
+    defaults = classes["spark-defaults"]["Properties"]
+    assert defaults["spark.executor.resource.gpu.discoveryScript"] == "/usr/lib/spark/scripts/gpu/getGpusResources.sh"
+    # Writers on several clusters (or drivers) commit through DynamoDB: S3 alone has no put-if-absent for Delta.
+    assert defaults["spark.delta.logStore.s3.impl"] == defaults["spark.delta.logStore.s3a.impl"] == (
+        "io.delta.storage.S3DynamoDBLogStore")
+    assert defaults["spark.jars.packages"].startswith("io.delta:delta-storage-s3-dynamodb:3.")  # EMR 7: Delta 3.x
+    ddb = json.loads((REPO / "deploy" / "emr" / "delta-log-table.json").read_text())
+    assert ddb["TableName"] == defaults["spark.io.delta.storage.S3DynamoDBLogStore.ddb.tableName"]
+    assert {k["AttributeName"]: k["KeyType"] for k in ddb["KeySchema"]} == {"tablePath": "HASH", "fileName": "RANGE"}
     groups = {g["InstanceRole"]: g for g in cluster["Instances"]["InstanceGroups"]}
     assert groups["CORE"]["InstanceType"].startswith("m6i") and groups["TASK"]["InstanceType"].startswith("g5")
     emr = load_config(REPO / "conf" / "emr.yaml", run_date="2026-11-23")
