@@ -120,19 +120,23 @@ def embed_column(image: Column, settings: EmbedderSettings) -> Column:
 
 
 def worker_settings(settings: EmbedderSettings) -> EmbedderSettings:
-    """``settings`` for this Spark task: torch threads default to the task's CPUs (``spark.task.cpus``).
+    """``settings`` for this Spark task: torch threads default to the task's CPUs (``spark.task.cpus``), and the
+    device is the GPU Spark assigned the task, when it schedules GPUs (:func:`embedder.task_device`).
 
     torch would start one thread per core in every Python worker; with one worker per task slot that
-    oversubscribes the executor (two workers of two threads on two cores ran at half the speed of one thread each).
+    oversubscribes the executor.
     """
     import dataclasses
 
     from pyspark import TaskContext
 
+    from image_embeddings.embedder import task_device
+
     context = TaskContext.get()
-    if settings.threads or context is None:
+    if context is None:
         return settings
-    return dataclasses.replace(settings, threads=max(1, context.cpus()))
+    return dataclasses.replace(settings, threads=settings.threads or max(1, context.cpus()),
+                               device=task_device(settings.device, context.resources()))
 
 
 def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:

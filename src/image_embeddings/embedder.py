@@ -71,14 +71,34 @@ def has_fast_bf16() -> bool:
 
 
 def pick_device(device: str) -> str:
-    """Resolve ``auto`` to cuda when a GPU is visible, else cpu."""
+    """Resolve ``auto`` to cuda when a GPU is visible, else cpu; ``cuda:N`` (the GPU Spark gave a task) must exist."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device=cuda but no CUDA device is visible to this process")
+    if is_cuda(device) and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device={device} but no CUDA device is visible to this process")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise RuntimeError(f"Spark assigned GPU {device[5:]} to this task, but this process sees "
+                           f"{torch.cuda.device_count()} CUDA device(s) (check CUDA_VISIBLE_DEVICES and the discovery "
+                           "script)")
     return device
+
+
+def is_cuda(device: str) -> bool:
+    """True for ``cuda`` and ``cuda:N``."""
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def task_device(device: str, resources: dict[str, Any]) -> str:
+    """The device of one Spark task: ``cuda:N`` for the GPU Spark assigned it when Spark schedules GPUs
+    (``TaskContext.resources()["gpu"]``) and the model may use one; ``device`` unchanged otherwise. Without this
+    every Python worker of a multi-GPU node would use device 0."""
+    gpu = resources.get("gpu")
+    addresses = list(getattr(gpu, "addresses", None) or [])
+    if device not in ("auto", "cuda") or not addresses:
+        return device
+    return f"cuda:{addresses[0]}"
 
 
 def pick_precision(precision: str, device: str, spec: ModelSpec | None = None) -> str:
@@ -90,7 +110,7 @@ def pick_precision(precision: str, device: str, spec: ModelSpec | None = None) -
         return precision
     if spec is not None and not spec.auto_bf16:
         return "fp32"
-    if device == "cuda":
+    if is_cuda(device):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if has_fast_bf16() else "fp32"
 
@@ -185,7 +205,7 @@ class Embedder:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device, dtype=dtype)
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
 
     def _decode(self, data: bytes | None) -> np.ndarray:
         from PIL import Image
@@ -229,11 +249,11 @@ class Embedder:
         self.calls += 1
         images = list(images)  # a pandas Series indexes by label; positions are wanted here
         errors: list[str | None] = [None] * len(images)
-        use_gpu = self.device == "cuda" and self.settings.decode in ("auto", "gpu")
+        use_gpu = is_cuda(self.device) and self.settings.decode in ("auto", "gpu")
         pixels, good = self._decode_gpu(images, errors) if use_gpu else self._decode_cpu(images, errors)
         out = np.full((len(images), self.dim), np.nan, dtype=np.float32)
         if good:
-            if self.device == "cuda" and pixels.device.type == "cpu":
+            if is_cuda(self.device) and pixels.device.type == "cpu":
                 pixels = pixels.pin_memory()
             out[good] = self.embed_pixels(pixels).numpy()
         return EmbedResult(out, errors)
@@ -248,7 +268,7 @@ class Embedder:
             except Exception as exc:
                 return as_error(exc)
 
-        if self.device == "cuda" and len(images) > 16:
+        if is_cuda(self.device) and len(images) > 16:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -274,12 +294,12 @@ class Embedder:
         if candidates:
             data = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in candidates]  # type: ignore[arg-type]
             try:
-                batch = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+                batch = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 tensors = dict(zip(candidates, batch, strict=True))
             except RuntimeError:
                 for i, one in zip(candidates, data, strict=True):
                     with contextlib.suppress(RuntimeError):
-                        tensors[i] = decode_jpeg(one, mode=ImageReadMode.RGB, device="cuda")
+                        tensors[i] = decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device)
         good: list[int] = []
         rest: list[int] = []
         for i in range(len(images)):
@@ -294,7 +314,7 @@ class Embedder:
             for j, i in enumerate(rest):
                 errors[i] = sub_errors[j]
             for j, k in enumerate(cpu_good):
-                tensors[rest[k]] = cpu_pixels[j].to("cuda", non_blocking=True)
+                tensors[rest[k]] = cpu_pixels[j].to(self.device, non_blocking=True)
             good = sorted(good + [rest[k] for k in cpu_good])
         if not good:
             return None, good
