@@ -8,9 +8,10 @@ MINIO  := .tools/bin/minio
 
 .PHONY: setup demo test lint clean bench dist
 
-# The two environments, MinIO and the jars are independent steps: built side by side.
+# The environments, MinIO and the jars are independent steps: built side by side.
 setup:
-	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(MINIO) .cache/ivy/.warm .venv-airflow/.installed
+	@$(MAKE) --no-print-directory -j3 $(VENV)/.installed $(MINIO) .cache/ivy/.warm .venv-airflow/.installed \
+		.venv-airflow3/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,12 +28,20 @@ $(MINIO):
 	$(PY) scripts/warm_jars.py --config conf/local.yaml
 	touch $@
 
-# A separate environment with Airflow and its Amazon and Databricks providers, to load the DAG in tests.
+# Separate environments with Airflow 2 and 3 and their Amazon and Databricks providers, to load and run the DAG in
+# tests; moto's server stands in for S3, EMR and EMR Serverless there (tests/airflow_probe.py).
+AIRFLOW_PROVIDERS := "apache-airflow-providers-amazon>=9,<10" "apache-airflow-providers-databricks>=7,<8" \
+	"moto[server]>=5.1,<6"
 .venv-airflow/.installed: pyproject.toml
 	test -x .venv-airflow/bin/python || $(PYTHON) -m venv .venv-airflow
 	.venv-airflow/bin/python -m pip install --quiet --upgrade pip
-	.venv-airflow/bin/python -m pip install --quiet "apache-airflow==2.11.2" "apache-airflow-providers-amazon>=9,<10" \
-		"apache-airflow-providers-databricks>=7,<8" -e .
+	.venv-airflow/bin/python -m pip install --quiet "apache-airflow==2.11.2" $(AIRFLOW_PROVIDERS) -e .
+	touch $@
+
+.venv-airflow3/.installed: pyproject.toml
+	test -x .venv-airflow3/bin/python || $(PYTHON) -m venv .venv-airflow3
+	.venv-airflow3/bin/python -m pip install --quiet --upgrade pip
+	.venv-airflow3/bin/python -m pip install --quiet "apache-airflow==3.3.2" $(AIRFLOW_PROVIDERS) -e .
 	touch $@
 
 # The wheel and the environments packed for spark-submit --archives (EMBED=1 adds the torch one).

@@ -138,6 +138,18 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
+def test_emr_cluster_retries_s3_slow_down_and_shares_the_log_store() -> None:
+    from image_embeddings.deploy import DELTA_LOG_STORE, EMRFS_RETRY
+
+    cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
+    classes = {c["Classification"]: c for c in cluster["Configurations"]}
+    # EMRFS (s3:// on EMR) retries 503 Slow Down with back-off; the package's s3.* settings reach only S3A.
+    assert classes["emrfs-site"]["Properties"] == EMRFS_RETRY == {"fs.s3.maxRetries": "30",
+                                                                  "fs.s3.aimd.enabled": "true"}
+    defaults = classes["spark-defaults"]["Properties"]
+    assert {k: defaults[k] for k in DELTA_LOG_STORE} == DELTA_LOG_STORE, "EMR Serverless runs write the same way"
+
+
 @pytest.mark.parametrize(("job", "command"), [
     ("ingest_images.py", "ingest"), ("embed_images.py", "embed"), ("index_embeddings.py", "neighbours"),
     ("maintain_tables.py", "maintain")])
@@ -165,16 +177,20 @@ def test_spark_submit_entry_points_call_the_command_with_the_config(job: str, co
 def test_databricks_job_definition() -> None:
     import tomllib
 
-    from image_embeddings.cli import build_parser
-    from image_embeddings.deploy import databricks_job
+    from image_embeddings.deploy import _nightly_parser, databricks_job, workspace_values
 
-    job = json.loads((REPO / "deploy" / "databricks" / "job.json").read_text())
-    assert job == databricks_job("/Workspace/Shared/image-embeddings"), "job.json is rendered, not edited"
+    text = (REPO / "deploy" / "databricks" / "job.json").read_text()
+    job = json.loads(text)
+    assert job == databricks_job(workspace_values("/Workspace/Shared/image-embeddings")), (
+        "job.json is rendered, not edited")
+    assert "<instance-profile" not in text and "XXXX" not in text, "no placeholder to find and replace"
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["image-embeddings-nightly"] == "image_embeddings.deploy:nightly_main"
     clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
     assert "gpu-ml" in clusters["gpu"]["spark_version"] and "gpu" not in clusters["cpu"]["spark_version"]
     assert clusters["gpu"]["spark_conf"]["spark.task.resource.gpu.amount"] == "0.5"
     assert "gpu" not in clusters["maintenance"]["spark_version"]
+    assert all("instance_profile_arn" not in c["aws_attributes"] and "policy_id" not in c for c in clusters.values())
     tasks = {t["task_key"]: t for t in job["tasks"]}
     assert list(tasks) == ["ingest", "embed", "neighbours", "maintain"]
     # The neighbours run on embed's cluster (the ML runtime's torch), maintenance on its own, both after embed.
@@ -187,67 +203,153 @@ def test_databricks_job_definition() -> None:
     faiss = next(r for r in embed_extra if r.startswith("faiss-cpu"))
     assert tasks["neighbours"]["libraries"][1:] == [{"pypi": {"package": faiss}}]
     assert [len(tasks[k]["libraries"]) for k in ("ingest", "embed", "maintain")] == [1, 1, 1]
+    # One run date for every task of a run: the job parameter Airflow sets, else the day before the trigger's.
+    assert {p["name"]: p["default"] for p in job["parameters"]} == {"run_date": "", "trailing_days": "2"}
+    assert job["schedule"] == {"quartz_cron_expression": "0 0 2 * * ?", "timezone_id": "UTC", "pause_status": "PAUSED"}
     for stage, task in tasks.items():
         wheel_task = task["python_wheel_task"]
         assert wheel_task["entry_point"] in scripts
-        args = build_parser().parse_args(wheel_task["parameters"])
-        assert (args.command, args.run_date) == (stage, "{{job.start_time.iso_date}}")
+        args = _nightly_parser().parse_args(wheel_task["parameters"])
+        assert (args.stage, args.run_date, args.night) == (
+            stage, "{{job.parameters.run_date}}", "{{job.trigger.time.iso_date}}")
+        assert args.config == "/Workspace/Shared/image-embeddings/conf/databricks.yaml"
         assert task["libraries"][0]["whl"].endswith(".whl")
+    assert _nightly_parser().parse_args(tasks["ingest"]["python_wheel_task"]["parameters"]).trailing_days == (
+        "{{job.parameters.trailing_days}}")
 
 
-def _airflow_probe(tmp_path: Path, settings: Path | None = None) -> dict:
-    airflow_python = REPO / ".venv-airflow" / "bin" / "python"
-    assert airflow_python.exists(), "the Airflow environment is missing: run `make setup`"
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__UNIT_TEST_MODE": "True"}
-    if settings is not None:
-        env["IMAGE_EMBEDDINGS_DAG_SETTINGS"] = str(settings)
-    done = subprocess.run([str(airflow_python), str(REPO / "tests" / "airflow_probe.py"),
-                           str(REPO / "deploy" / "airflow")], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def test_run_date_is_the_utc_day_before_the_night() -> None:
+    import datetime as dt
+
+    from image_embeddings.deploy import idempotency_token, ingest_dates, run_date_for
+
+    night = dt.datetime(2026, 11, 24, 2, 0, tzinfo=dt.timezone.utc)
+    assert run_date_for(night) == run_date_for("2026-11-24") == run_date_for("2026-11-24T02:00:00+00:00") == (
+        "2026-11-23")
+    # A time given in another zone is the same instant: 2026-11-23 21:00 in New York is 02:00 UTC on the 24th.
+    assert run_date_for(dt.datetime(2026, 11, 23, 21, 0, tzinfo=dt.timezone(dt.timedelta(hours=-5)))) == "2026-11-23"
+    assert run_date_for("2026-03-01") == "2026-02-28"
+    complete = {"2026-11-21"}.__contains__  # 2026-11-22's upload never finished
+    assert ingest_dates("2026-11-23", 2, complete) == ["2026-11-23", "2026-11-21"]
+    assert ingest_dates("2026-11-23", 0, complete) == ["2026-11-23"]
+    token = idempotency_token("image_embeddings_nightly", "scheduled__2026-11-24T02:00:00+00:00", "nightly")
+    assert len(token) <= 64 and token == idempotency_token(
+        "image_embeddings_nightly", "scheduled__2026-11-24T02:00:00+00:00", "nightly"), "the same for every try"
+    assert token != idempotency_token("image_embeddings_nightly", "scheduled__2026-11-25T02:00:00+00:00", "nightly")
+    assert token != idempotency_token("image_embeddings_nightly", "scheduled__2026-11-24T02:00:00+00:00", "ingest")
 
 
-def test_airflow_dag_loads_and_renders_for_both_runners(tmp_path: Path) -> None:
+def test_emr_serverless_job_runs_of_the_cpu_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    from image_embeddings.deploy import DELTA_LOG_STORE, emr_serverless_job, main
+
+    for stage, job in (("ingest", "ingest_images.py"), ("maintain", "maintain_tables.py")):
+        assert main(["emr-serverless-job", stage, "--s3-prefix", "s3://my-bucket/image-embeddings/",
+                     "--run-date", "2026-11-23"]) == 0
+        run = json.loads(capsys.readouterr().out)  # aws emr-serverless start-job-run --cli-input-json
+        assert run == emr_serverless_job(stage, "s3://my-bucket/image-embeddings", "2026-11-23")
+        assert run["name"] == f"image-embeddings {stage} 2026-11-23"
+        submit = run["jobDriver"]["sparkSubmit"]
+        assert submit["entryPoint"] == f"s3://my-bucket/image-embeddings/jobs/{job}"
+        assert (REPO / "jobs" / job).exists()
+        assert submit["entryPointArguments"] == ["--config", "conf/emr.yaml", "--run-date", "2026-11-23"]
+        settings = dict(p.split(" ", 1)[1].split("=", 1) for p in
+                        (" " + submit["sparkSubmitParameters"]).split(" --conf")[1:])
+        assert settings["spark.archives"] == ("s3://my-bucket/image-embeddings/dist/env-ingest.tar.gz#environment,"
+                                              "s3://my-bucket/image-embeddings/conf/emr-conf.tar.gz#conf")
+        assert settings["spark.emr-serverless.driverEnv.PYSPARK_PYTHON"] == "./environment/bin/python"
+        assert settings["spark.executorEnv.PYSPARK_PYTHON"] == "./environment/bin/python"
+        assert {k: settings[k] for k in DELTA_LOG_STORE} == DELTA_LOG_STORE
+        assert settings["spark.hadoop.fs.s3.maxRetries"] == "30"
+    for stage in ("embed", "neighbours"):  # EMR Serverless has no GPUs
+        with pytest.raises(ValueError, match="needs a GPU"):
+            emr_serverless_job(stage, "s3://b/p", "2026-11-23")
+
+
+def test_databricks_bundle_on_disk_is_the_rendered_one() -> None:
+    import re
+
     import yaml
 
-    from image_embeddings.deploy import emr_steps
+    from image_embeddings.deploy import BUNDLE_JOB, bundle_values, bundle_yaml, databricks_bundle, databricks_job, main
 
-    emr = _airflow_probe(tmp_path)
-    assert emr["import_errors"] == {} and emr["dags"] == ["image_embeddings_nightly"]
-    # neighbours and maintain both after embed, neither waiting for the other.
-    assert emr["tasks"] == {"wait_for_upload": ["ingest"], "ingest": ["ingest_done"], "ingest_done": ["embed"],
-                            "embed": ["embed_done"], "embed_done": ["maintain", "neighbours"],
-                            "neighbours": ["neighbours_done"], "neighbours_done": [],
-                            "maintain": ["maintain_done"], "maintain_done": []}
-    assert set(emr["retries"].values()) == {2} and set(emr["timeouts"].values()) == {6 * 3600.0}
-    steps = emr_steps("s3://my-bucket/image-embeddings", "2026-11-23")
-    assert emr["rendered"]["ingest.steps"] == [steps[0]] and emr["rendered"]["embed.steps"] == [steps[1]]
-    assert emr["rendered"]["neighbours.steps"] == [steps[2]] and emr["rendered"]["maintain.steps"] == [steps[3]]
-    assert emr["rendered"]["neighbours.steps"][0]["HadoopJarStep"]["Args"][-5] == (
-        "s3://my-bucket/image-embeddings/jobs/index_embeddings.py")
-    assert emr["rendered"]["wait_for_upload.bucket_key"] == "raw-images/2026-11-23/*"
+    text = (REPO / "deploy" / "databricks" / "databricks.yml").read_text()
+    assert text == bundle_yaml(), "databricks.yml is rendered: python -m image_embeddings.deploy databricks-bundle"
+    bundle = yaml.safe_load(text)
+    assert bundle == json.loads(json.dumps(databricks_bundle()))
+    assert main(["databricks-bundle"]) == 0
+    assert bundle["bundle"]["name"] == "image-embeddings"
+    assert set(bundle["targets"]) == {"dev", "prod"} and bundle["targets"]["dev"]["default"] is True
+    assert bundle["targets"]["dev"]["mode"] == "development" and bundle["targets"]["prod"]["mode"] == "production"
+    assert bundle["artifacts"]["wheel"]["type"] == "whl" and (REPO / bundle["artifacts"]["wheel"]["path"].replace(
+        "../..", ".") / "pyproject.toml").exists()
+    assert bundle["sync"]["paths"] == ["../../conf"] and (REPO / "conf" / "databricks.yaml").exists()
+    job = bundle["resources"]["jobs"][BUNDLE_JOB]
+    assert job == databricks_job(bundle_values()), "the same job as job.json, with the bundle's references"
+    assert [t["task_key"] for t in job["tasks"]] == ["ingest", "embed", "neighbours", "maintain"]
+    assert all(t["libraries"][0] == {"whl": "../../dist/*.whl"} for t in job["tasks"])
+    # Nothing to find and replace: every workspace setting is a declared variable, the required one without default.
+    used = set(re.findall(r"\$\{var\.([a-z_]+)\}", text))
+    assert used == set(bundle["variables"]) and "<instance-profile" not in text
+    assert "default" not in bundle["variables"]["instance_profile_arn"]
+    clusters = [c["new_cluster"] for c in job["job_clusters"]]
+    assert {c["aws_attributes"]["instance_profile_arn"] for c in clusters} == {"${var.instance_profile_arn}"}
+    assert {c["policy_id"] for c in clusters} == {"${var.cluster_policy_id}"}
+    assert {c["node_type_id"] for c in clusters} == {"${var.cpu_node_type}", "${var.gpu_node_type}"}
 
-    settings = yaml.safe_load((REPO / "deploy" / "airflow" / "settings.yaml").read_text())
-    settings["runner"] = "databricks"
-    del settings["upload_sensor"]
-    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
-    dbx = _airflow_probe(tmp_path, tmp_path / "settings.yaml")
-    assert dbx["import_errors"] == {} and dbx["tasks"] == {"ingest": ["embed"], "embed": ["maintain", "neighbours"],
-                                                            "neighbours": [], "maintain": []}
-    run = dbx["rendered"]["embed.json"]
-    task = run["tasks"][0]
-    assert run["run_name"] == "image-embeddings embed 2026-11-23"
-    assert task["python_wheel_task"]["parameters"][-2:] == ["--run-date", "2026-11-23"]
-    assert "gpu-ml" in task["new_cluster"]["spark_version"]
-    maintain = dbx["rendered"]["maintain.json"]["tasks"][0]
-    assert maintain["python_wheel_task"]["parameters"] == [
-        "maintain", "--config", "/Workspace/Shared/image-embeddings/conf/databricks.yaml", "--run-date", "2026-11-23"]
-    assert "gpu" not in maintain["new_cluster"]["spark_version"] and "depends_on" not in maintain
-    neighbours_run = dbx["rendered"]["neighbours.json"]
-    neighbours = neighbours_run["tasks"][0]
-    assert neighbours_run["run_name"] == "image-embeddings neighbours 2026-11-23"
-    assert neighbours["python_wheel_task"]["parameters"] == [
-        "neighbours", "--config", "/Workspace/Shared/image-embeddings/conf/databricks.yaml", "--run-date", "2026-11-23"]
-    assert neighbours["new_cluster"] == task["new_cluster"], "embed's (GPU) cluster"
-    assert {"pypi": {"package": "faiss-cpu>=1.8,<2"}} in neighbours["libraries"] and "depends_on" not in neighbours
+
+def _nightly_config(tmp_path: Path, images: str, *lines: str) -> Path:
+    import yaml
+
+    config = yaml.safe_load((REPO / "conf" / "local.yaml").read_text())
+    config["input"]["images"] = images
+    for line in lines:
+        key, value = line.split("=", 1)
+        config.setdefault(key.split(".")[0], {})[key.split(".")[1]] = yaml.safe_load(value)
+    path = tmp_path / "databricks.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_databricks_nightly_task_computes_the_date_and_reads_complete_late_days(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import image_embeddings.cli
+    from image_embeddings.deploy import nightly_main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(image_embeddings.cli, "main", lambda argv: calls.append(list(argv)) or 0)
+    config = str(_nightly_config(tmp_path, f"{tmp_path}/raw/{{run_date}}"))
+    ingest = ["ingest", "--config", config, "--run-date", "", "--night", "2026-11-24", "--trailing-days", "2"]
+    assert nightly_main(ingest) == 1 and calls == [], "no marker: the upload is not complete"
+    assert "the upload of 2026-11-23 is not complete" in capsys.readouterr().err
+    for day in ("2026-11-23", "2026-11-21"):  # 2026-11-22 has files but no marker: still uploading
+        (tmp_path / "raw" / day).mkdir(parents=True)
+        (tmp_path / "raw" / day / "_SUCCESS").write_text("")
+    (tmp_path / "raw" / "2026-11-22").mkdir()
+    assert nightly_main(ingest) == 0
+    assert calls == [["ingest", "--config", config, "--run-date", day] for day in ("2026-11-23", "2026-11-21")]
+    calls.clear()
+    # Airflow passes the date explicitly; the later stages take the same date as the night's ingest.
+    assert nightly_main(["embed", "--config", config, "--run-date", "2026-11-20", "--night", "2026-11-24"]) == 0
+    assert nightly_main(["maintain", "--config", config, "--night", "2026-11-24"]) == 0
+    assert calls == [["embed", "--config", config, "--run-date", "2026-11-20"],
+                     ["maintain", "--config", config, "--run-date", "2026-11-23"]]
+
+
+def test_databricks_nightly_task_finds_markers_on_s3(tmp_path: Path, s3_server: object, s3_plan: object,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    import image_embeddings.cli
+    from image_embeddings.deploy import nightly_main
+
+    endpoint = s3_plan.endpoint  # type: ignore[attr-defined]
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="nightly-markers")
+    s3.put_object(Bucket="nightly-markers", Key="raw/2026-11-23/_SUCCESS", Body=b"")
+    s3.put_object(Bucket="nightly-markers", Key="raw/2026-11-22/a.jpg", Body=b"jpeg")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(image_embeddings.cli, "main", lambda argv: calls.append(list(argv)) or 0)
+    config = str(_nightly_config(tmp_path, "s3://nightly-markers/raw/{run_date}", f"s3.endpoint={endpoint}",
+                                 "s3.ssl=false"))
+    assert nightly_main(["ingest", "--config", config, "--night", "2026-11-24"]) == 0
+    assert calls == [["ingest", "--config", config, "--run-date", "2026-11-23"]]
