@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -50,3 +56,48 @@ def python_workers(pid: int) -> list[int]:
     """
     daemons = {p for p in children(pid) if "pyspark.daemon" in cmdline(p)}
     return sorted(p for p in daemons if (fields := _stat(p)) and int(fields[1]) in daemons)
+
+
+@contextlib.contextmanager
+def standalone_cluster(folder: Path, worker_opts: list[str], memory: str = "3g"
+                       ) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A Spark standalone master and one one-core worker per entry of ``worker_opts`` (its ``SPARK_WORKER_OPTS``)
+    on loopback, from the installed pyspark's ``spark-class``: (master URL, processes started). Every process they
+    started is killed afterwards."""
+    import pyspark
+
+    from image_embeddings.s3server import free_port
+
+    home = Path(pyspark.__file__).parent
+    port = free_port()
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "SPARK_WORKER_DIR": str(folder / "work"), "SPARK_LOG_DIR": str(folder / "logs")}
+    log = open(folder / "cluster.log", "wb")  # noqa: SIM115 - closed below
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(opts: str, *args: str) -> None:
+        started.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args],
+                                        env={**env, "SPARK_WORKER_OPTS": opts} if opts else env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+              "--webui-port", str(free_port()))
+        master = f"spark://127.0.0.1:{port}"
+        for opts in worker_opts:
+            start(opts, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory",
+                  memory, "--webui-port", str(free_port()), master)
+        deadline = time.monotonic() + 120
+        while (folder / "cluster.log").read_text(errors="replace").count(
+                "Successfully registered with master") < len(worker_opts):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {len(worker_opts)} workers to register")
+            time.sleep(0.2)
+        yield master, started
+    finally:
+        for process in started:
+            for pid in reversed([process.pid, *children(process.pid)]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -15,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import children, cmdline, cpu_seconds
+from processes import children, cmdline, cpu_seconds, standalone_cluster
 
-from image_embeddings.s3server import free_port
 from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,37 +50,8 @@ def _has_torch(pid: int) -> bool:
 @pytest.fixture
 def cluster(tmp_path: Path, s3_plan: Any) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """A master and two one-core workers; every process they started is killed afterwards."""
-    import pyspark
-
-    home = Path(pyspark.__file__).parent
-    port = free_port()
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
-           "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 - closed below
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> None:
-        started.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True))
-
-    try:
-        start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-              "--webui-port", str(free_port()))
-        master = f"spark://127.0.0.1:{port}"
-        for _ in range(2):
-            start("org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "3g",
-                  "--webui-port", str(free_port()), master)
-        _wait_for(lambda: (tmp_path / "cluster.log").read_text(errors="replace").count(
-            "Successfully registered with master") >= 2, 120, "two workers to register")
-        yield master, started
-    finally:
-        for process in started:
-            with_children = [process.pid, *children(process.pid)]
-            for pid in reversed(with_children):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        log.close()
+    with standalone_cluster(tmp_path, ["", ""]) as running:
+        yield running
 
 
 @pytest.mark.xdist_group("processes")

@@ -20,17 +20,16 @@ def _wait_for(flag: Path, seconds: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_conflicting_commit_is_retried_and_nothing_is_duplicated(spark: Any, tmp_path: Path) -> None:
+def _held_on_first_attempt(folder: Path) -> tuple[Any, Path, Path]:
+    """A UDF that, on its first call only, signals ``started`` and waits for ``other_done``: it runs in a Python
+    worker while our transaction is open, so another writer commits first. (Nested, so Spark's workers receive it
+    by value: they cannot import this test module.)"""
     from pyspark.sql import functions as F
 
-    table = str(tmp_path / "table")
-    spark.createDataFrame([("a", 1), ("b", 2)], "k STRING, v INT").write.format("delta").save(table)
-    started, other_done, first_attempt = (str(tmp_path / n) for n in ("started", "other_done", "first"))
+    started, other_done, first_attempt = (str(folder / n) for n in ("started", "other_done", "first"))
 
     @F.udf("INT")
     def value_after_the_other_writer(v: int) -> int:
-        # Runs in a Python worker while our MERGE transaction is open: on the first attempt, it lets the other
-        # writer commit first. (Self-contained: the workers cannot import this test module.)
         import os
         import time as clock
 
@@ -42,10 +41,18 @@ def test_a_conflicting_commit_is_retried_and_nothing_is_duplicated(spark: Any, t
                 clock.sleep(0.05)
         return v
 
+    return value_after_the_other_writer, Path(started), Path(other_done)
+
+
+def test_a_conflicting_commit_is_retried_and_nothing_is_duplicated(spark: Any, tmp_path: Path) -> None:
+    table = str(tmp_path / "table")
+    spark.createDataFrame([("a", 1), ("b", 2)], "k STRING, v INT").write.format("delta").save(table)
+    value_after_the_other_writer, started, other_done = _held_on_first_attempt(tmp_path)
+
     def other_writer() -> None:
-        _wait_for(Path(started))
+        _wait_for(started)
         spark.sql(f"UPDATE delta.`{table}` SET v = 10 WHERE k = 'a'")
-        Path(other_done).touch()
+        other_done.touch()
 
     thread = threading.Thread(target=other_writer)
     thread.start()
@@ -98,29 +105,13 @@ def test_reports_and_their_log_line_redact_credentials() -> None:
 
 
 def test_a_first_run_that_loses_the_race_to_create_the_table_merges_into_it(spark: Any, tmp_path: Path) -> None:
-    from pyspark.sql import functions as F
-
     table = str(tmp_path / "new_table")
-    started, other_done, first_attempt = (str(tmp_path / n) for n in ("started", "other_done", "first"))
-
-    @F.udf("INT")
-    def value_after_the_other_creator(v: int) -> int:
-        # Our create is under way (the table did not exist when it started): let the other run create it first.
-        import os
-        import time as clock
-
-        if not os.path.exists(first_attempt):
-            open(first_attempt, "w").close()
-            open(started, "w").close()
-            deadline = clock.monotonic() + 120
-            while not os.path.exists(other_done) and clock.monotonic() < deadline:
-                clock.sleep(0.05)
-        return v
+    value_after_the_other_creator, started, other_done = _held_on_first_attempt(tmp_path)
 
     def other_creator() -> None:
-        _wait_for(Path(started))
+        _wait_for(started)
         merge_changes(spark, table, spark.createDataFrame([("a", 1), ("b", 2)], "k STRING, v INT"), None, "k")
-        Path(other_done).touch()
+        other_done.touch()
 
     thread = threading.Thread(target=other_creator)
     thread.start()

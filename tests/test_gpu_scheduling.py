@@ -3,20 +3,16 @@ workers announce one fake GPU each through a discovery script (no CUDA needed: t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from processes import children
+from processes import standalone_cluster
 
 from image_embeddings.embedder import task_device
-from image_embeddings.s3server import free_port
 
 PROBE = """
 import json, sys
@@ -57,43 +53,17 @@ def test_task_device_follows_the_assigned_gpu_only_where_a_gpu_may_be_used() -> 
 
 @pytest.mark.xdist_group("processes")
 def test_each_worker_uses_the_gpu_spark_assigned_its_task(tmp_path: Path) -> None:
-    import pyspark
-
-    home = Path(pyspark.__file__).parent
-    port = free_port()
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
-           "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 - closed below
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        started.append(subprocess.Popen([str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master",
-                                         "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(free_port())],
-                                        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        for address in ("0", "1"):  # one fake GPU per worker, as a node's discovery script would report it
-            script = tmp_path / f"gpus-{address}.sh"
-            script.write_text(f"#!/usr/bin/env bash\necho '{{\"name\": \"gpu\", \"addresses\": [\"{address}\"]}}'\n")
-            script.chmod(0o755)
-            opts = f"-Dspark.worker.resource.gpu.amount=1 -Dspark.worker.resource.gpu.discoveryScript={script}"
-            started.append(subprocess.Popen(
-                [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                 "--cores", "1", "--memory", "2g", "--webui-port", str(free_port()), f"spark://127.0.0.1:{port}"],
-                env={**env, "SPARK_WORKER_OPTS": opts}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        deadline = time.monotonic() + 120
-        while (tmp_path / "cluster.log").read_text(errors="replace").count("Successfully registered") < 2:
-            assert time.monotonic() < deadline, (tmp_path / "cluster.log").read_text()[-3000:]
-            time.sleep(0.2)
-        probe = subprocess.run([sys.executable, "-c", PROBE, f"spark://127.0.0.1:{port}"], capture_output=True,
-                               text=True, timeout=300, env=env)
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        rows = json.loads(probe.stdout.strip().splitlines()[-1])
-    finally:
-        for process in started:
-            for pid in [process.pid, *children(process.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        log.close()
+    opts = []
+    for address in ("0", "1"):  # one fake GPU per worker, as a node's discovery script would report it
+        script = tmp_path / f"gpus-{address}.sh"
+        script.write_text(f"#!/usr/bin/env bash\necho '{{\"name\": \"gpu\", \"addresses\": [\"{address}\"]}}'\n")
+        script.chmod(0o755)
+        opts.append(f"-Dspark.worker.resource.gpu.amount=1 -Dspark.worker.resource.gpu.discoveryScript={script}")
+    with standalone_cluster(tmp_path, opts, memory="2g") as (master, _):
+        probe = subprocess.run([sys.executable, "-c", PROBE, master], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable})
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rows = json.loads(probe.stdout.strip().splitlines()[-1])
     assert len(rows) == 8
     assert all(r["device"] == f"cuda:{r['assigned']}" for r in rows), rows
     assert {r["device"] for r in rows} == {"cuda:0", "cuda:1"}, "tasks ran on both workers, each on its own GPU"
