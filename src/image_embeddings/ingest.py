@@ -644,12 +644,12 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
              .select(*NARROW_FILE_COLUMNS))
     m["files_table_version"] = files_version
     existing = read_table(spark, out.images_table)
-    shape = schema_id(join_sales(resolve_duplicates(files), sales, inp.join))  # analysis only, no job
+    resolved = resolve_duplicates(files)
+    shape = schema_id(join_sales(resolved, sales, inp.join))  # analysis only, no job
     reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version, shape)
     m["images_sync"] = reason or "incremental"
     recorded = {"files_table_version": files_version, "sales": sales_fp, "join": inp.join, "schema": shape}
     if reason is not None:
-        resolved = resolve_duplicates(files)
         errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
         m.update(totals, errors_total=errors)
         _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images_table, report,
