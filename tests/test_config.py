@@ -65,8 +65,9 @@ def test_local_yaml_loads_and_validates() -> None:
     assert config.output.files_table is None
     assert config.output.files_table_path == "demo/delta/images_files"
     assert config.preprocess == PreprocessConfig(size=224, mode="center_crop", crop_fraction=0.875,
-                                                 jpeg_quality=90, max_pixels=100_000_000)
-    assert config.spark.master == "local[2]"
+                                                 jpeg_quality=90, max_pixels=100_000_000,
+                                                 max_decoded_bytes=512 << 20)
+    assert config.spark.master == "local[2,4]"
     assert config.spark.packages == ("io.delta:delta-spark_2.13:4.0.1",)
     assert config.spark.s3_packages == ("org.apache.hadoop:hadoop-aws:3.4.1",)
     assert config.spark.conf["spark.sql.shuffle.partitions"] == "4"

@@ -8,6 +8,7 @@ import time
 import warnings
 import zlib
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -666,3 +667,80 @@ def test_formats_outside_the_allowed_raster_set_are_refused() -> None:
     result = downscale(eps)
     assert result.image is None
     assert error_reason(result.error) == "not_an_image"
+
+
+# ---------------------------------------------------------------------------
+# memory: the decoded-bytes budget, and no full-size copy after the decode
+# ---------------------------------------------------------------------------
+
+
+def test_decoded_bytes_over_the_budget_are_refused_before_decoding() -> None:
+    # 5000 x 5000 RGBA: 100 MB decoded from a file of a few hundred KB (pixels alone do not bound memory).
+    big = _png_claiming_size(5_000, 5_000)
+    assert downscale(big, max_decoded_bytes=64 << 20).error == (
+        "over_memory_budget: 5000x5000 RGB = 100000000 decoded bytes > preprocess.max_decoded_bytes 67108864")
+    # Within the budget the same header is decoded (and found truncated): the budget, not the size, refused it.
+    assert error_reason(downscale(big, max_decoded_bytes=100_000_000).error) == "truncated"
+    # A JPEG is checked after its DCT-domain reduction: 1/64 of the bytes at 1/8 scale.
+    large = Image.fromarray(_photo("coffee")).resize((3200, 2400))  # 30.7 MB decoded at full size
+    assert _ok(downscale(_encode(large, "JPEG"), max_decoded_bytes=8 << 20)).shape == (224, 224, 3)
+    assert error_reason(downscale(_encode(large, "PNG"), max_decoded_bytes=8 << 20).error) == "over_memory_budget"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "CMYK"])
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_strip_resize_matches_converting_the_whole_image(mode: str, orientation: int) -> None:
+    from image_embeddings.images import _EXIF_TRANSPOSE, _resize_in_strips, _source_box, _stored_box, _to_l_or_rgb
+
+    rgb = Image.fromarray(_photo("coffee")).resize((1800, 1200))
+    im = rgb.convert("I;16") if mode == "I;16" else rgb.convert(mode)
+    method = _EXIF_TRANSPOSE.get(orientation)
+    upright = im if method is None else im.transpose(method)
+    box = _source_box(*upright.size, upright.size, 224, "center_crop", 0.875)
+    stored_box = _stored_box(box, im.size, method)
+    # Strip by strip, rows first (Pillow's own order), gives the pixels of converting the whole image first.
+    whole = np.asarray(_to_l_or_rgb(im).resize((224, 224), Image.Resampling.LANCZOS, box=stored_box))
+    strips = np.asarray(_resize_in_strips(im, 224, stored_box, rows_first=True))
+    assert int(np.abs(strips.astype(int) - whole.astype(int)).max()) <= 1
+    # Columns first, and turning the small result upright instead of the whole image, only reorder the two
+    # passes: the rounding between them differs, far below what the JPEG encoder changes.
+    reference = np.asarray(_to_l_or_rgb(upright).resize((224, 224), Image.Resampling.LANCZOS, box=box))
+    for rows_first in (True, False):
+        small = _resize_in_strips(im, 224, stored_box, rows_first=rows_first)
+        got = np.asarray(small if method is None else small.transpose(method))
+        assert _psnr(got, reference) > 50.0
+
+
+PEAK_SCRIPT = """
+import io, resource, sys
+from PIL import Image
+from image_embeddings.images import downscale
+content = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = downscale(content)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(result.error, (after - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_a_large_rgba_image_peaks_near_its_decoded_size(fmt: str, tmp_path: Path) -> None:
+    """A 25 MP RGBA image, 100 MB decoded: once 477 MB at peak as PNG, 671 MB as WebP (converted and transposed
+    copies); now 129 and 385 MB."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (50, 50, 4), dtype=np.uint8)
+    image = Image.fromarray(small, "RGBA").resize((5000, 5000), Image.Resampling.NEAREST)
+    path = tmp_path / f"big.{fmt.lower()}"
+    image.save(path, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    error, peak = done.stdout.split()
+    assert error == "None"
+    decoded = 5000 * 5000 * 4
+    # PNG holds the image; libwebp's canvas and frame besides it: the budget counts 3 copies for WebP.
+    copies = 3 if fmt == "WEBP" else 1
+    assert int(peak) < 1.25 * copies * decoded + (32 << 20), f"peak {int(peak) >> 20} MiB above the imports"

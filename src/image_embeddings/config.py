@@ -61,6 +61,9 @@ class PreprocessConfig:
     crop_fraction: float = 0.875
     jpeg_quality: int = 90
     max_pixels: int = 100_000_000
+    # Bytes the decoded image may take in memory (width x height x bytes per pixel of its mode); larger images
+    # are refused before decoding: pixels alone do not bound memory (a 25 MP RGBA PNG takes 100 MB decoded).
+    max_decoded_bytes: int = 536_870_912
 
     @property
     def preprocess_id(self) -> str:
@@ -436,6 +439,8 @@ def _check(config: AppConfig) -> None:
         raise ConfigError(f"preprocess.jpeg_quality: must be between 1 and 95, got {pre.jpeg_quality}")
     if pre.max_pixels < 1:
         raise ConfigError("preprocess.max_pixels: must be positive")
+    if pre.max_decoded_bytes < 1:
+        raise ConfigError(f"preprocess.max_decoded_bytes: must be at least 1, got {pre.max_decoded_bytes}")
     _check_model(config.model)
     if spark.arrow_max_records_per_batch < 1:
         raise ConfigError("spark.arrow_max_records_per_batch: must be positive")

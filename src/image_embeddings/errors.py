@@ -13,6 +13,8 @@ REASONS: dict[str, str] = {
     "not_an_image": "Pillow does not recognize the format",
     "too_large": "the file is larger than input.max_file_bytes (not read)",
     "too_many_pixels": "the image has more pixels than preprocess.max_pixels (not decoded)",
+    "over_memory_budget": "the decoded image would take more bytes than preprocess.max_decoded_bytes (not decoded)",
+    "crashed": "decoding the file killed its process (out of memory, a codec crash) in a retried task",
     "truncated": "the file ends before the image does",
     "decode_error": "the image cannot be decoded",
     "unreadable": "the file vanished or changed while the run read it",

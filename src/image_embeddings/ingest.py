@@ -252,29 +252,42 @@ def plan_files(listing: DataFrame, files: DataFrame | None, scope: str, preproce
 
 
 def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
-    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``."""
+    """Return a struct column (image, width, height, error, sha256) decoded from file ``content``.
+
+    A retried task (an earlier attempt failed, maybe because a file killed its Python worker) decodes each file in
+    a child process: a file that kills its decoder becomes a ``crashed`` error row instead of failing the stage
+    again, run after run. First attempts decode in the worker itself, which is faster.
+    """
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
     size, mode, quality = pre.size, pre.mode, pre.jpeg_quality
-    max_pixels, crop_fraction = pre.max_pixels, pre.crop_fraction
+    max_pixels, crop_fraction, budget = pre.max_pixels, pre.crop_fraction, pre.max_decoded_bytes
 
     def _downscale(contents: pd.Series) -> pd.DataFrame:
         import hashlib
+
+        from pyspark import TaskContext
 
         from image_embeddings.images import downscale
         from image_embeddings.worker import prepare_worker
 
         prepare_worker()
 
+        def decode(data: bytes | None) -> _Decoded:
+            result = downscale(data, size=size, mode=mode, quality=quality, max_pixels=max_pixels,
+                               crop_fraction=crop_fraction, max_decoded_bytes=budget)
+            return result.image, result.width, result.height, result.error
+
+        context = TaskContext.get()
+        retried = context is not None and context.attemptNumber() > 0
         out: dict[str, list[Any]] = {"image": [], "width": [], "height": [], "error": [], "sha256": []}
         for data in contents:
-            result = downscale(data, size=size, mode=mode, quality=quality, max_pixels=max_pixels,
-                               crop_fraction=crop_fraction)
-            out["image"].append(result.image)
-            out["width"].append(result.width)
-            out["height"].append(result.height)
-            out["error"].append(result.error)
+            image, width, height, error = decode_in_child(decode, data, budget) if retried else decode(data)
+            out["image"].append(image)
+            out["width"].append(width)
+            out["height"].append(height)
+            out["error"].append(error)
             out["sha256"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
         return pd.DataFrame({
             "image": pd.Series(out["image"], dtype=object),
@@ -287,6 +300,91 @@ def downscale_column(content: Column, pre: PreprocessConfig) -> Column:
     # Real classes, not the strings of `from __future__ import annotations`: Spark reads them.
     _downscale.__annotations__ = {"contents": pd.Series, "return": pd.DataFrame}
     return pandas_udf(_downscale, DECODE_STRUCT)(content)  # type: ignore[call-overload]
+
+
+# One decoded file: thumbnail JPEG, width, height, error text.
+_Decoded = tuple[bytes | None, int | None, int | None, str | None]
+
+
+def decode_in_child(decode: Callable[[bytes | None], _Decoded], data: bytes | None,
+                    max_decoded_bytes: int) -> _Decoded:
+    """``decode(data)`` in a forked child process; a child that dies (signal, exit status) gives a ``crashed`` error."""
+    import os
+    import pickle
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _decode_and_exit(decode, data, write_end, max_decoded_bytes)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()  # to the end before waiting: a child blocked on a full pipe would never exit
+    _, status = os.waitpid(pid, 0)
+    if status == 0 and payload:
+        decoded: _Decoded = pickle.loads(payload)
+        return decoded
+    return None, None, None, _crash_error(status)
+
+
+def _decode_and_exit(decode: Callable[[bytes | None], _Decoded], data: bytes | None, fd: int,
+                     max_decoded_bytes: int) -> None:
+    """In the child: decode, write the pickled result to ``fd`` and exit at once (no Spark or atexit clean-up);
+    never returns."""
+    import os
+    import pickle
+
+    code = 1
+    try:
+        _limit_address_space(max_decoded_bytes)
+        payload = pickle.dumps(decode(data))
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(payload)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _limit_address_space(max_decoded_bytes: int) -> None:
+    """Bound this process's address space to what it maps now, twice the budget and 256 MiB more.
+
+    A runaway allocation then raises MemoryError here (a ``decode_error`` row) instead of reaching the OOM killer
+    or a container's memory limit, which kills the whole executor, every retry of the task with it.
+    """
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return  # no /proc (not Linux): no bound
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + 2 * max_decoded_bytes + (256 << 20)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _crash_error(status: int) -> str:
+    """The ``crashed`` error text for a decoder child that ended with wait ``status`` and no result."""
+    import os
+    import signal
+
+    from image_embeddings.errors import error
+
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            how = f"died with signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            how = f"died with signal {number}"
+    elif os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+        how = f"exited with status {os.WEXITSTATUS(status)}"
+    else:
+        how = "ended without a result"
+    return error("crashed", f"the decoder process {how} on this file; an earlier attempt of its task failed too")
 
 
 def decode_files(files: DataFrame, pre: PreprocessConfig, run_id: str, ingested_at: Any) -> DataFrame:
