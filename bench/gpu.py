@@ -51,7 +51,7 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
 def main() -> int:
     import torch
 
-    from image_embeddings.embedder import Embedder, EmbedderSettings
+    from image_embeddings.embed.embedder import Embedder, EmbedderSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20000)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/nightly.py --sizes 200,400          # quick smoke run
 
 For each size N it builds, in a temporary folder, N distinct 480x360 JPEGs (quality 85) made from the real sample
-photos (``image_embeddings.sample``: each of the 44 photos and variants, cropped at a per-index offset with a small
+photos (``image_embeddings.testing.sample``: each of the 44 photos and variants, cropped at a per-index offset with a small
 brightness shift) in day folders ``images/YYYY-MM-DD/`` of 100 photos each, as the Airflow DAG's
 ``raw-images/{ds}/`` (the last day, "today", holds 100 photos, the older days the rest), a one-file sales Parquet
 table with one row per image (the 10 images added later included) and a ResNet50 weights file
@@ -93,7 +93,7 @@ class Photos:
     def __init__(self) -> None:
         from PIL import Image
 
-        from image_embeddings.sample import PHOTOS, photo, variants
+        from image_embeddings.testing.sample import PHOTOS, photo, variants
 
         arrays = [photo(n) for n in PHOTOS]
         arrays += [v for a in list(arrays) for _, v in variants(a)]
@@ -103,7 +103,7 @@ class Photos:
     def jpeg(self, index: int) -> bytes:
         """Photo ``index``: source ``index % 44`` cropped at an offset and brightened by a few levels, both from
         ``index // 44`` (41 x 31 offsets: distinct up to 55,000 photos)."""
-        from image_embeddings.sample import encode
+        from image_embeddings.testing.sample import encode
 
         k, source = divmod(index, len(self.sources))
         dx, dy = k % (BASE[0] - SIZE[0] + 1), (k // (BASE[0] - SIZE[0] + 1)) % (BASE[1] - SIZE[1] + 1)
@@ -126,7 +126,7 @@ def image_id(index: int) -> str:
 def build_input(work: Path, n: int, photos: Photos) -> dict[str, Any]:
     """``n`` photos in day folders of 100 under ``work/images`` (today's the last), sales for them and the 10
     images the nightly change adds."""
-    from image_embeddings.sample import write_sales
+    from image_embeddings.testing.sample import write_sales
 
     days = -(-n // PER_DAY)
     images = work / "images"
@@ -288,8 +288,8 @@ def live_bytes(work: Path, weights: Path, precision: str, timeout: float) -> dic
 
 def live_child(spec: dict[str, Any]) -> dict[str, Any]:
     from image_embeddings.cli import configure_logging
-    from image_embeddings.config import load_config
-    from image_embeddings.spark import get_spark
+    from image_embeddings.core.config import load_config
+    from image_embeddings.core.spark import get_spark
 
     configure_logging("WARNING")
     spark = get_spark(load_config(spec["config"], spec["overrides"]))
@@ -329,7 +329,7 @@ def bench_size(n: int, root: Path, photos: Photos, weights: Path, precision: str
 def article_fixed_cost(root: Path, photos: Photos, weights: Path, timeout: float) -> float:
     """The article's two scripts (``bench/baseline.py``) on 10 of the photos, in a process of their own, timed as
     a run here is (process start to exit): the fixed cost a rerun with nothing new is compared with."""
-    from image_embeddings.sample import write_sales
+    from image_embeddings.testing.sample import write_sales
 
     work = root / "article"
     (work / "images").mkdir(parents=True)
@@ -483,7 +483,7 @@ def main() -> int:
     ns = [int(s) for s in args.sizes.split(",") if s.strip()]
     if not ns or min(ns) < 2 * PER_DAY:
         parser.error(f"--sizes: each N must be at least {2 * PER_DAY} (today's {PER_DAY} photos and older days)")
-    from image_embeddings.sample import trained_like_weights
+    from image_embeddings.testing.sample import trained_like_weights
 
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench-nightly-"))

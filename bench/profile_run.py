@@ -128,7 +128,7 @@ def main() -> int:
     if args.child:
         from run import pipeline_child  # type: ignore[import-not-found]
 
-        from image_embeddings import config as config_module
+        from image_embeddings.core import config as config_module
 
         events = args.child / "events"
         events.mkdir()
@@ -147,7 +147,7 @@ def main() -> int:
 
     from run import photo_folder  # type: ignore[import-not-found]
 
-    from image_embeddings.sample import trained_like_weights
+    from image_embeddings.testing.sample import trained_like_weights
 
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     photo_folder(work / "all", args.photos)

@@ -43,8 +43,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolv
 
 from baseline import article_downscale, article_embed, article_model, article_transform, psnr, run_article_scripts
 
-from image_embeddings.images import downscale
-from image_embeddings.sample import PHOTOS, encode, photo, trained_like_weights, variants, write_sales
+from image_embeddings.ingest.images import downscale
+from image_embeddings.testing.sample import PHOTOS, encode, photo, trained_like_weights, variants, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -110,7 +110,7 @@ def bench_stage1(rows: list[dict[str, Any]]) -> None:
 
 def bench_stage2(rows: list[dict[str, Any]], weights: Path) -> None:
     """Embedding on CPU: ours (batched, auto precision) against the article's per-row fp32 loop."""
-    from image_embeddings.embedder import Embedder, EmbedderSettings
+    from image_embeddings.embed.embedder import Embedder, EmbedderSettings
 
     thumbs = [downscale(b).image for b in jpegs((1600, 1200), 64)]
     inputs = [t for t in thumbs if t is not None]
@@ -230,7 +230,7 @@ def check_daft_output(work: Path, photos: int, weights: Path, sample: int = 32) 
     Ours center-crops (conf/local.yaml) where Daft and the article resize the whole photo: the same photo's two
     views differ by about as much as two photos do with these weights. So ours is also run here on ``sample`` of
     the photos resized whole (``downscale(mode="squash")``): near 1, Daft's model and weights are ours."""
-    from image_embeddings.embedder import Embedder, EmbedderSettings
+    from image_embeddings.embed.embedder import Embedder, EmbedderSettings
 
     image_ids, embeddings = delta_embeddings(str(work / "daft-0" / "embeddings"))
     sizes = {len(e) if e is not None else 0 for e in embeddings}
@@ -275,7 +275,7 @@ def _decode_file(path: str, size: int, mode: str, quality: int, max_pixels: int,
 def _embed_rate(settings: Any, inputs: list[bytes], start_at: float, seconds: float) -> tuple[float, str, str]:
     """Stage 2's function in this process: the ``Embedder`` warmed up, then timed from ``start_at`` (the moment
     every process of the measurement starts) for ``seconds``; images per second, the precision and the engine."""
-    from image_embeddings.embedder import Embedder
+    from image_embeddings.embed.embedder import Embedder
 
     embedder = Embedder(settings)
     for _ in range(4):  # a long-lived worker's state: oneDNN's kernels made, malloc's heap grown
@@ -300,8 +300,8 @@ def stage_efficiency(work: Path, weights: Path, ours: list[dict[str, float]],
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    from image_embeddings.config import load_config
-    from image_embeddings.embed import embedder_settings, resolve_config_weights
+    from image_embeddings.core.config import load_config
+    from image_embeddings.embed.identity import embedder_settings, resolve_config_weights
 
     config = load_config(REPO / "conf" / "local.yaml", [
         f"input.images={work / 'images'}", f"input.sales={work / 'sales'}", f"model.weights={weights}",
@@ -374,9 +374,9 @@ def pipeline_child(which: str, work: Path, weights: Path, runs: int = 1) -> list
     if which == "daft":
         return daft_child(work, weights, runs)
     from image_embeddings.cli import configure_logging
-    from image_embeddings.config import load_config
+    from image_embeddings.core.config import load_config
+    from image_embeddings.core.spark import get_spark
     from image_embeddings.pipeline import run_pipeline
-    from image_embeddings.spark import get_spark
 
     configure_logging("WARNING")
     results = []

@@ -4,7 +4,7 @@
 
 Builds an embeddings table of ``--rows`` synthetic 2048-d rows with the real schema and neighbourhood structure
 (groups of 10 rows with cosine about 0.94, like a product's photos and their augmentations, in clusters of
-groups with cosine about 0.7; :func:`image_embeddings.sample.clustered_vector`), then prints:
+groups with cosine about 0.7; :func:`image_embeddings.testing.sample.clustered_vector`), then prints:
 
 - the index: its type, build time (a full build: sample, train, fill per partition, merge, write) and size;
 - query latency with the loaded index (median and 95th percentile of 100 single queries) and recall@10 of those
@@ -47,15 +47,16 @@ def main() -> int:
     args = parser.parse_args()
 
     from image_embeddings.cli import configure_logging
-    from image_embeddings.config import load_config
-    from image_embeddings.sample import clustered_vector, synthetic_embeddings
-    from image_embeddings.similar import config_key, search
-    from image_embeddings.spark import get_spark
-    from image_embeddings.tables import create, merge_changes
-    from image_embeddings.vector_index import load_index, store_for, update_index
+    from image_embeddings.core.config import load_config
+    from image_embeddings.core.spark import get_spark
+    from image_embeddings.core.tables import create, merge_changes
+    from image_embeddings.search.index import load_index, store_for, update_index
+    from image_embeddings.search.rows import config_key
+    from image_embeddings.search.similar import search
+    from image_embeddings.testing.sample import clustered_vector, synthetic_embeddings
 
     configure_logging("WARNING")
-    logging.getLogger("image_embeddings.vector_index").setLevel(logging.INFO)
+    logging.getLogger("image_embeddings.search.index").setLevel(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="bench-similarity-"))
     config = load_config(REPO / "conf" / "local.yaml", [
         f"input.images={work}/in", f"input.sales={work}/sales", f"output.images_table={work}/images",

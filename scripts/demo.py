@@ -12,14 +12,16 @@ from typing import Any
 import numpy as np
 
 from image_embeddings.cli import configure_logging
-from image_embeddings.config import AppConfig, load_config
-from image_embeddings.embed import resolve_config_weights, run_embed
-from image_embeddings.embedder import WeightsError
-from image_embeddings.picture import Tile, neighbours_picture
+from image_embeddings.core.config import AppConfig, load_config
+from image_embeddings.core.spark import get_spark
+from image_embeddings.embed.embedder import WeightsError
+from image_embeddings.embed.identity import resolve_config_weights
+from image_embeddings.embed.stage import run_embed
 from image_embeddings.pipeline import run_pipeline
-from image_embeddings.sample import PHOTOS, write_sample
-from image_embeddings.similar import model_rows, similar
-from image_embeddings.spark import get_spark
+from image_embeddings.search.rows import model_rows
+from image_embeddings.search.similar import similar
+from image_embeddings.testing.picture import Tile, neighbours_picture
+from image_embeddings.testing.sample import PHOTOS, write_sample
 
 QUERIES = ("astronaut", "coffee", "chelsea")
 TRAINED = ("model.name=efficientnet_lite0", "model.weights=imagenet")

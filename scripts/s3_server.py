@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from image_embeddings.s3server import start
+from image_embeddings.testing.s3server import start
 
 
 def main() -> int:

@@ -8,8 +8,8 @@ import logging
 import sys
 import tempfile
 
-from image_embeddings.config import load_config
-from image_embeddings.spark import get_spark
+from image_embeddings.core.config import load_config
+from image_embeddings.core.spark import get_spark
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from image_embeddings.config import AppConfig, load_config
+from image_embeddings.core.config import AppConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONF = REPO / "conf" / "local.yaml"
@@ -39,7 +39,7 @@ def s3_plan() -> Iterator[S3Plan]:
     """The test S3 server's address and credentials, exported for boto3 and Spark's S3A; no process yet."""
     import secrets
 
-    from image_embeddings.s3server import reserved_port
+    from image_embeddings.testing.s3server import reserved_port
 
     # Planned now, bound when a test first needs the server: a port no outgoing connection can take meanwhile.
     plan = S3Plan(reserved_port(), "test" + secrets.token_hex(4), secrets.token_hex(16))
@@ -56,7 +56,7 @@ def s3_plan() -> Iterator[S3Plan]:
 @pytest.fixture(scope="session")
 def s3_server(s3_plan: S3Plan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real MinIO on 127.0.0.1, started for the tests that use S3, at the planned address."""
-    from image_embeddings import s3server
+    from image_embeddings.testing import s3server
 
     try:
         server = s3server.start(tmp_path_factory.mktemp("minio") / "data", port=s3_plan.port,
@@ -76,7 +76,7 @@ def base_overrides(s3_plan: S3Plan) -> list[str]:
 @pytest.fixture(scope="session")
 def spark(base_overrides: list[str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One local SparkSession for the whole run, created by the package's own factory."""
-    from image_embeddings.spark import get_spark
+    from image_embeddings.core.spark import get_spark
 
     scratch = tmp_path_factory.mktemp("spark")
     config = load_config(LOCAL_CONF, [

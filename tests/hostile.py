@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from image_embeddings.sample import encode, photo
+from image_embeddings.testing.sample import encode, photo
 
 
 @dataclass(frozen=True)

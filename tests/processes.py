@@ -66,7 +66,7 @@ def standalone_cluster(folder: Path, worker_opts: list[str], memory: str = "3g"
     started is killed afterwards."""
     import pyspark
 
-    from image_embeddings.s3server import free_port
+    from image_embeddings.testing.s3server import free_port
 
     home = Path(pyspark.__file__).parent
     port = free_port()

@@ -11,7 +11,7 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from image_embeddings.sample import trained_like_weights as make_weights  # noqa: F401 - re-exported for the tests
+from image_embeddings.testing.sample import trained_like_weights as make_weights  # noqa: F401 - re-exported for the tests
 
 _BUILDERS = {"resnet50": torchvision.models.resnet50, "vit_b_16": torchvision.models.vit_b_16}
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from image_embeddings.deploy import emr_serverless_job, emr_step, idempotency_token, nightly_main, run_date_for
+from image_embeddings.cli import nightly_main
+from image_embeddings.ops.deploy import emr_serverless_job, emr_step, idempotency_token, run_date_for
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "deploy" / "airflow"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from image_embeddings.spark import class_archive_options
+from image_embeddings.core.spark import class_archive_options
 
 SETTINGS = {"spark.jars.packages": "io.delta:delta-spark_2.13:4.0.1",
             "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1"}

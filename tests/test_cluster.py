@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from processes import children, cmdline, cpu_seconds, standalone_cluster
 
-from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
+from image_embeddings.testing.sample import PHOTOS, encode, photo, variants, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,8 +116,8 @@ def test_run_on_a_standalone_cluster_survives_a_killed_executor(cluster: Any, s3
         reader.join(timeout=10)
     assert killed
 
-    from image_embeddings.config import load_config
-    from image_embeddings.status import collect_status
+    from image_embeddings.core.config import load_config
+    from image_embeddings.ops.status import collect_status
 
     config = load_config(REPO / "conf" / "local.yaml", [
         f"s3.endpoint={s3_server.endpoint}", "s3.ssl=false", "input.images=s3a://cluster/raw",

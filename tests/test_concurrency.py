@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.tables import ConcurrentWriteError, merge_changes, with_commit_retries
+from image_embeddings.core.tables import ConcurrentWriteError, merge_changes, with_commit_retries
 
 
 def _wait_for(flag: Path, seconds: float = 120.0) -> None:
@@ -88,7 +88,7 @@ def test_reports_and_their_log_line_redact_credentials() -> None:
     import datetime as dt
     import json
 
-    from image_embeddings.report import RunReport
+    from image_embeddings.core.report import RunReport
 
     report = RunReport("r1", "ingest", dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc))
     report.metrics.update(files=3, s3={"secret_key": "abc123", "aws_access_key_id": "AKIAXYZ",

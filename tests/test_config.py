@@ -1,4 +1,4 @@
-"""Unit tests for image_embeddings.config (pure Python: no Spark, no S3 server)."""
+"""Unit tests for image_embeddings.core.config (pure Python: no Spark, no S3 server)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from image_embeddings.cli import main
-from image_embeddings.config import (
+from image_embeddings.core.config import (
+    DEFAULT_EXTENSIONS,
     AppConfig,
     ConfigError,
     MaintenanceConfig,
@@ -21,9 +22,8 @@ from image_embeddings.config import (
     load_config,
     parse_override,
 )
-from image_embeddings.images import DEFAULT_EXTENSIONS
-from image_embeddings.report import redact
-from image_embeddings.uri import qualify
+from image_embeddings.core.report import redact
+from image_embeddings.core.uri import qualify
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -615,7 +615,7 @@ def test_endpoint_with_credentials_and_empty_section() -> None:
     (("s3.endpoint=http://127.0.0.1:9000",), True),
 ])
 def test_s3_packages_only_when_the_config_reaches_s3(overrides: tuple[str, ...], with_s3: bool) -> None:
-    from image_embeddings.spark import session_settings
+    from image_embeddings.core.spark import session_settings
 
     packages = session_settings(load_config(LOCAL, list(overrides)))["spark.jars.packages"].split(",")
     assert packages[0] == "io.delta:delta-spark_2.13:4.0.1"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.errors import failure_line
-from image_embeddings.sample import write_sales
+from image_embeddings.core.errors import failure_line
+from image_embeddings.testing.sample import write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Ivy Default Cache", ":: resolution report", "WARNING: Using incubator modules", "NativeCodeLoader",
@@ -102,8 +102,8 @@ def test_the_store_stopped_mid_run_fails_in_few_lines(tmp_path: Path, s3_server:
     import threading
     import time
 
-    from image_embeddings import s3server
-    from image_embeddings.sample import PHOTOS, encode, photo
+    from image_embeddings.testing import s3server
+    from image_embeddings.testing.sample import PHOTOS, encode, photo
 
     server = s3server.start(tmp_path / "minio", access_key=s3_server.access_key, secret_key=s3_server.secret_key)
     port = int(server.endpoint.rsplit(":", 1)[1])

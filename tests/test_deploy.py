@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from image_embeddings.sample import PHOTOS, trained_like_weights, write_sample
+from image_embeddings.testing.sample import PHOTOS, trained_like_weights, write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = "io.delta:delta-spark_2.13:4.0.1,org.apache.hadoop:hadoop-aws:3.4.1"
@@ -72,8 +72,8 @@ def test_both_jobs_under_spark_submit_one_with_the_packed_environment(tmp_path: 
 
 
 def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
-    from image_embeddings.config import load_config
-    from image_embeddings.deploy import emr_steps
+    from image_embeddings.core.config import load_config
+    from image_embeddings.ops.deploy import emr_steps
 
     steps = json.loads((REPO / "deploy" / "emr" / "steps.json").read_text())
     assert steps == emr_steps("s3://my-bucket/image-embeddings", "2026-11-23"), "steps.json is rendered, not edited"
@@ -139,7 +139,7 @@ def test_emr_cluster_steps_and_submit_script(tmp_path: Path) -> None:
 
 
 def test_emr_cluster_retries_s3_slow_down_and_shares_the_log_store() -> None:
-    from image_embeddings.deploy import DELTA_LOG_STORE, EMRFS_RETRY
+    from image_embeddings.ops.deploy import DELTA_LOG_STORE, EMRFS_RETRY
 
     cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
     classes = {c["Classification"]: c for c in cluster["Configurations"]}
@@ -159,7 +159,7 @@ def test_spark_submit_entry_points_call_the_command_with_the_config(job: str, co
 
     import image_embeddings.cli
     from image_embeddings.cli import build_parser
-    from image_embeddings.deploy import _JOBS, STAGES
+    from image_embeddings.ops.deploy import _JOBS, STAGES
 
     calls: list[list[str]] = []
     monkeypatch.setattr(image_embeddings.cli, "main", lambda argv: calls.append(list(argv)) or 7)
@@ -177,7 +177,8 @@ def test_spark_submit_entry_points_call_the_command_with_the_config(job: str, co
 def test_databricks_job_definition() -> None:
     import tomllib
 
-    from image_embeddings.deploy import _nightly_parser, databricks_job, workspace_values
+    from image_embeddings.cli import _nightly_parser
+    from image_embeddings.ops.deploy import databricks_job, workspace_values
 
     text = (REPO / "deploy" / "databricks" / "job.json").read_text()
     job = json.loads(text)
@@ -185,7 +186,7 @@ def test_databricks_job_definition() -> None:
         "job.json is rendered, not edited")
     assert "<instance-profile" not in text and "XXXX" not in text, "no placeholder to find and replace"
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["image-embeddings-nightly"] == "image_embeddings.deploy:nightly_main"
+    assert scripts["image-embeddings-nightly"] == "image_embeddings.cli:nightly_main"
     clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
     assert "gpu-ml" in clusters["gpu"]["spark_version"] and "gpu" not in clusters["cpu"]["spark_version"]
     assert clusters["gpu"]["spark_conf"]["spark.task.resource.gpu.amount"] == "0.5"
@@ -221,7 +222,7 @@ def test_databricks_job_definition() -> None:
 def test_run_date_is_the_utc_day_before_the_night() -> None:
     import datetime as dt
 
-    from image_embeddings.deploy import idempotency_token, ingest_dates, run_date_for
+    from image_embeddings.ops.deploy import idempotency_token, ingest_dates, run_date_for
 
     night = dt.datetime(2026, 11, 24, 2, 0, tzinfo=dt.timezone.utc)
     assert run_date_for(night) == run_date_for("2026-11-24") == run_date_for("2026-11-24T02:00:00+00:00") == (
@@ -240,7 +241,7 @@ def test_run_date_is_the_utc_day_before_the_night() -> None:
 
 
 def test_emr_serverless_job_runs_of_the_cpu_stages(capsys: pytest.CaptureFixture[str]) -> None:
-    from image_embeddings.deploy import DELTA_LOG_STORE, emr_serverless_job, main
+    from image_embeddings.ops.deploy import DELTA_LOG_STORE, emr_serverless_job, main
 
     for stage, job in (("ingest", "ingest_images.py"), ("maintain", "maintain_tables.py")):
         assert main(["emr-serverless-job", stage, "--s3-prefix", "s3://my-bucket/image-embeddings/",
@@ -270,10 +271,17 @@ def test_databricks_bundle_on_disk_is_the_rendered_one() -> None:
 
     import yaml
 
-    from image_embeddings.deploy import BUNDLE_JOB, bundle_values, bundle_yaml, databricks_bundle, databricks_job, main
+    from image_embeddings.ops.deploy import (
+        BUNDLE_JOB,
+        bundle_values,
+        bundle_yaml,
+        databricks_bundle,
+        databricks_job,
+        main,
+    )
 
     text = (REPO / "deploy" / "databricks" / "databricks.yml").read_text()
-    assert text == bundle_yaml(), "databricks.yml is rendered: python -m image_embeddings.deploy databricks-bundle"
+    assert text == bundle_yaml(), "databricks.yml is rendered: python -m image_embeddings.ops.deploy databricks-bundle"
     bundle = yaml.safe_load(text)
     assert bundle == json.loads(json.dumps(databricks_bundle()))
     assert main(["databricks-bundle"]) == 0
@@ -313,7 +321,7 @@ def _nightly_config(tmp_path: Path, images: str, *lines: str) -> Path:
 def test_databricks_nightly_task_computes_the_date_and_reads_complete_late_days(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import image_embeddings.cli
-    from image_embeddings.deploy import nightly_main
+    from image_embeddings.cli import nightly_main
 
     calls: list[list[str]] = []
     monkeypatch.setattr(image_embeddings.cli, "main", lambda argv: calls.append(list(argv)) or 0)
@@ -340,7 +348,7 @@ def test_databricks_nightly_task_finds_markers_on_s3(tmp_path: Path, s3_server: 
     import boto3
 
     import image_embeddings.cli
-    from image_embeddings.deploy import nightly_main
+    from image_embeddings.cli import nightly_main
 
     endpoint = s3_plan.endpoint  # type: ignore[attr-defined]
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from image_embeddings.embed import EmbedError, embeddings_with_sales, run_embed
-from image_embeddings.ingest import run_ingest
-from image_embeddings.sample import encode, photo, write_sales
-from image_embeddings.tables import table_version
-from image_embeddings.weights import file_sha256, resolve_weights
+from image_embeddings.core.tables import table_version
+from image_embeddings.embed.stage import EmbedError, run_embed
+from image_embeddings.embed.weights import file_sha256, resolve_weights
+from image_embeddings.ingest.sales import embeddings_with_sales
+from image_embeddings.ingest.stage import run_ingest
+from image_embeddings.testing.sample import encode, photo, write_sales
 
 from reference import assert_same_embeddings, make_weights, reference_embeddings
 
@@ -30,13 +31,13 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_torch_threads_in_a_spark_task_follow_spark_task_cpus(spark: Any) -> None:
     import pandas as pd
 
-    from image_embeddings.embedder import EmbedderSettings
+    from image_embeddings.embed.embedder import EmbedderSettings
 
     def probe(batches: Any) -> Any:
         import torch
 
-        from image_embeddings.embed import worker_settings
-        from image_embeddings.worker import cached_embedder
+        from image_embeddings.embed.stage import worker_settings
+        from image_embeddings.embed.workers import cached_embedder
 
         for _ in batches:
             default = worker_settings(EmbedderSettings("resnet50", "random:0", device="cpu"))
@@ -137,7 +138,7 @@ def test_ingest_then_embed_matches_torchvision_and_is_incremental(spark: Any, ma
 
 def test_a_broken_row_among_good_ones_and_clear_failures(spark: Any, make_config: Any, weights: Path,
                                                          tmp_path: Path) -> None:
-    from image_embeddings.images import downscale
+    from image_embeddings.ingest.images import downscale
 
     good = [downscale(encode(photo(n))).image for n in ("astronaut", "rocket")]
     thumbnails = [("a", "s1", good[0], None), ("b", "s2", b"\xff\xd8 broken jpeg", None), ("c", "s3", good[1], None),
@@ -180,7 +181,7 @@ def test_run_with_efficientnet_lite0_imagenet_writes_what_an_independent_impleme
     from efficientnet_lite_pytorch import EfficientNet
     from PIL import Image
 
-    from image_embeddings.models import model_spec
+    from image_embeddings.core.backbones import model_spec
     from image_embeddings.pipeline import run_pipeline
 
     names = NAMES[:5]

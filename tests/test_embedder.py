@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from image_embeddings.embedder import Embedder, EmbedderSettings
-from image_embeddings.images import downscale
-from image_embeddings.models import MODELS, model_spec
-from image_embeddings.sample import PHOTOS, encode, photo
-from image_embeddings.weights import S3Access, WeightsError, file_sha256, resolve_weights
-from image_embeddings.worker import cached_embedder, is_loaded_or_loading, load_count, warm_up_in_background
+from image_embeddings.core.backbones import MODELS, model_spec
+from image_embeddings.core.storage import S3Access
+from image_embeddings.embed.embedder import Embedder, EmbedderSettings
+from image_embeddings.embed.weights import WeightsError, file_sha256, resolve_weights
+from image_embeddings.embed.workers import cached_embedder, is_loaded_or_loading, load_count, warm_up_in_background
+from image_embeddings.ingest.images import downscale
+from image_embeddings.testing.sample import PHOTOS, encode, photo
 
 from reference import assert_same_embeddings, make_weights, reference_embeddings
 
@@ -148,8 +149,8 @@ def test_weights_files_in_other_forms_load_as_the_same_float32_model(weights: Pa
 def test_batch_norms_are_folded_without_changing_outputs() -> None:
     import torch
 
-    from image_embeddings.speedups import fuse_conv_bn
-    from image_embeddings.weights import load_model, resolve_weights
+    from image_embeddings.embed.speedups import fuse_conv_bn
+    from image_embeddings.embed.weights import load_model, resolve_weights
 
     spec = MODELS["resnet50"]
     net = load_model(spec, resolve_weights("random:3", spec, "unused"))
@@ -241,8 +242,8 @@ def test_a_loaded_model_is_left_out_of_later_garbage_collections(weights: Path) 
 
     script = """
 import gc, json, sys
-from image_embeddings.embedder import EmbedderSettings
-from image_embeddings.worker import cached_embedder
+from image_embeddings.embed.embedder import EmbedderSettings
+from image_embeddings.embed.workers import cached_embedder
 before = gc.get_freeze_count()
 import torch
 tracked_with_torch = len(gc.get_objects())
@@ -270,7 +271,7 @@ def test_our_resnet50_is_torchvision_resnet50() -> None:
     import torch
     import torchvision
 
-    from image_embeddings.models.resnet import resnet50
+    from image_embeddings.embed.models.resnet import resnet50
 
     torch.manual_seed(11)
     ours = resnet50().eval()

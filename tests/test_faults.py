@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from processes import cpu_seconds, python_workers
 
-from image_embeddings.embed import run_embed
-from image_embeddings.errors import failure_line
-from image_embeddings.ingest import FILE_COLUMNS, run_ingest
+from image_embeddings.core.errors import failure_line
+from image_embeddings.core.tables import IncompatibleTableError, table_version
+from image_embeddings.embed.stage import run_embed
+from image_embeddings.ingest.stage import FILE_COLUMNS, run_ingest
 from image_embeddings.pipeline import run_pipeline
-from image_embeddings.sample import PHOTOS, encode, photo, variants, write_sales
-from image_embeddings.tables import IncompatibleTableError, table_version
+from image_embeddings.testing.sample import PHOTOS, encode, photo, variants, write_sales
 
 
 def test_tables_of_an_older_version_are_extended_or_refused(spark: Any, make_config: Any, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_soak_many_runs_on_growing_changing_input(spark: Any, make_config: Any, 
 
 def test_object_store_outage_and_a_transient_stall(spark: Any, make_config: Any, s3_server: Any,
                                                     tmp_path: Path) -> None:
-    from image_embeddings import s3server
+    from image_embeddings.testing import s3server
 
     server = s3server.start(tmp_path / "minio" / "data", access_key=s3_server.access_key,
                             secret_key=s3_server.secret_key)

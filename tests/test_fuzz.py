@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from image_embeddings.images import downscale, error_reason
-from image_embeddings.sample import encode, photo
+from image_embeddings.ingest.images import downscale, error_reason
+from image_embeddings.testing.sample import encode, photo
 
 REASONS = {"empty", "not_an_image", "too_many_pixels", "truncated", "decode_error"}
 MAX_PIXELS = 2_000_000

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from processes import standalone_cluster
 
-from image_embeddings.embedder import task_device
+from image_embeddings.embed.embedder import task_device
 
 PROBE = """
 import json, sys
@@ -27,8 +27,8 @@ spark = (SparkSession.builder.master(sys.argv[1]).appName("gpu-probe")
 def choose(batches):
     import os
     from pyspark import TaskContext
-    from image_embeddings.embed import worker_settings
-    from image_embeddings.embedder import EmbedderSettings
+    from image_embeddings.embed.stage import worker_settings
+    from image_embeddings.embed.embedder import EmbedderSettings
 
     context = TaskContext.get()
     for batch in batches:

@@ -1,4 +1,4 @@
-"""Unit tests for image_embeddings.images (real Pillow decoding of scikit-image sample photos)."""
+"""Unit tests for image_embeddings.ingest.images (real Pillow decoding of scikit-image sample photos)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from image_embeddings.images import (
-    DEFAULT_EXTENSIONS,
-    MODES,
-    DownscaleResult,
-    _draft_target,
-    downscale,
-    error_reason,
-)
+from image_embeddings.core.config import DEFAULT_EXTENSIONS, MODES
+from image_embeddings.ingest.images import DownscaleResult, _draft_target, downscale, error_reason
 
 REASONS = {"empty", "not_an_image", "too_many_pixels", "truncated", "decode_error"}
 # Reference comparisons encode the output at quality 95 so that they measure resampling, not the JPEG
@@ -690,7 +684,13 @@ def test_decoded_bytes_over_the_budget_are_refused_before_decoding() -> None:
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "CMYK"])
 @pytest.mark.parametrize("orientation", [1, 6, 3])
 def test_strip_resize_matches_converting_the_whole_image(mode: str, orientation: int) -> None:
-    from image_embeddings.images import _EXIF_TRANSPOSE, _resize_in_strips, _source_box, _stored_box, _to_l_or_rgb
+    from image_embeddings.ingest.images import (
+        _EXIF_TRANSPOSE,
+        _resize_in_strips,
+        _source_box,
+        _stored_box,
+        _to_l_or_rgb,
+    )
 
     rgb = Image.fromarray(_photo("coffee")).resize((1800, 1200))
     im = rgb.convert("I;16") if mode == "I;16" else rgb.convert(mode)
@@ -714,7 +714,7 @@ def test_strip_resize_matches_converting_the_whole_image(mode: str, orientation:
 PEAK_SCRIPT = """
 import io, resource, sys
 from PIL import Image
-from image_embeddings.images import downscale
+from image_embeddings.ingest.images import downscale
 content = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = downscale(content)

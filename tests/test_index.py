@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 
 from image_embeddings.cli import main
-from image_embeddings.neighbours import run_neighbours
-from image_embeddings.sample import clustered_vector, synthetic_embeddings
-from image_embeddings.similar import config_key, search, top_k
-from image_embeddings.tables import merge_changes
-from image_embeddings.vector_index import (
+from image_embeddings.core.tables import merge_changes
+from image_embeddings.search.index import (
     Store,
     choose_type,
     existed_before,
@@ -27,6 +24,10 @@ from image_embeddings.vector_index import (
     update_index,
     vector_ids,
 )
+from image_embeddings.search.neighbours import run_neighbours
+from image_embeddings.search.rows import config_key
+from image_embeddings.search.similar import search, top_k
+from image_embeddings.testing.sample import clustered_vector, synthetic_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = 40
@@ -216,7 +217,7 @@ def test_index_on_s3_and_the_commands(spark: Any, make_config: Any, s3_server: A
 @pytest.mark.parametrize("key,value", [("index.type", "hnsw"), ("index.nprobe", "0"),
                                        ("index.rebuild_fraction", "0")])
 def test_bad_index_settings_fail_naming_the_key(make_config: Any, tmp_path: Path, key: str, value: str) -> None:
-    from image_embeddings.config import ConfigError
+    from image_embeddings.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _config(make_config, tmp_path, f"{key}={value}")

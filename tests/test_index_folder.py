@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from image_embeddings.vector_index import (
+from image_embeddings.search.index import (
     MANIFEST,
     IndexDamagedError,
     ManifestChangedError,

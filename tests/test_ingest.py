@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from image_embeddings.ingest import IngestError, run_ingest
-from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
-from image_embeddings.tables import table_version
+from image_embeddings.core.tables import table_version
+from image_embeddings.ingest.stage import IngestError, run_ingest
+from image_embeddings.testing.sample import PHOTOS, encode, photo, write_sales, write_sample
 
 from hostile import cases, write_cases
 
@@ -270,7 +270,7 @@ def test_files_deleted_between_listing_and_reading_become_unreadable_rows(spark:
                                                                            tmp_path: Path, monkeypatch: Any) -> None:
     """A file deleted after the plan listed it: the run goes on, and the file gets an ``unreadable`` row (which a
     later run retries or, once the file is gone from the listing too, removes)."""
-    import image_embeddings.ingest as ingest
+    import image_embeddings.ingest.stage as ingest
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.lease import LeaseHeldError, LeaseSettings, S3LeaseStore, holding, store_for
-from image_embeddings.sample import write_sample
+from image_embeddings.core.lease import LeaseHeldError, LeaseSettings, S3LeaseStore, holding, store_for
+from image_embeddings.testing.sample import write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_a_local_lease_is_exclusive_waits_names_its_holder_and_is_released(tmp_p
 
 def test_a_second_process_waits_then_fails_naming_the_holder(tmp_path: Path) -> None:
     location = str(tmp_path / "lease.json")
-    code = ("import sys, time\nfrom image_embeddings.lease import LeaseSettings, holding\n"
+    code = ("import sys, time\nfrom image_embeddings.core.lease import LeaseSettings, holding\n"
             f"with holding(LeaseSettings({location!r}, ttl_seconds=60), 'nightly'):\n"
             "    print('held', flush=True); time.sleep(30)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -80,7 +80,7 @@ def test_a_second_process_waits_then_fails_naming_the_holder(tmp_path: Path) -> 
 
 def test_the_lease_of_a_killed_holder_is_taken_over_after_it_expires(tmp_path: Path) -> None:
     location = str(tmp_path / "lease.json")
-    code = ("import os, signal\nfrom image_embeddings.lease import LeaseSettings, holding\n"
+    code = ("import os, signal\nfrom image_embeddings.core.lease import LeaseSettings, holding\n"
             f"with holding(LeaseSettings({location!r}, ttl_seconds=10), 'nightly'):\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
@@ -162,7 +162,7 @@ def test_two_ingest_processes_at_once_lose_nothing_and_a_blocked_run_changes_not
     assert s3.list_objects_v2(Bucket="shared", Prefix="delta/images_lease.json").get("KeyCount", 0) == 0
 
     # A run that cannot get the lease within lease.wait_seconds says so in one line and changes nothing.
-    from image_embeddings.tables import table_version
+    from image_embeddings.core.tables import table_version
 
     before = [table_version(spark, f"s3a://shared/delta/{t}") for t in ("images", "images_files", "runs")]
     settings = LeaseSettings("s3a://shared/delta/images_lease.json", ttl_seconds=120, endpoint=s3_server.endpoint)

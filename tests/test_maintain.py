@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from image_embeddings.cli import main
-from image_embeddings.config import AppConfig
-from image_embeddings.maintain import (
+from image_embeddings.core.config import AppConfig
+from image_embeddings.ops.maintain import (
     RETENTION_CHECK,
     RETENTION_PROPERTY,
     MaintenanceError,

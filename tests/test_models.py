@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from image_embeddings.embedder import Embedder, EmbedderSettings
-from image_embeddings.images import downscale
-from image_embeddings.models import MODELS, model_spec
-from image_embeddings.sample import PHOTOS, encode, photo
-from image_embeddings.weights import WeightsError, file_sha256, load_model, resolve_weights
+from image_embeddings.core.backbones import MODELS, model_spec
+from image_embeddings.embed.embedder import Embedder, EmbedderSettings
+from image_embeddings.embed.weights import WeightsError, file_sha256, load_model, resolve_weights
+from image_embeddings.ingest.images import downscale
+from image_embeddings.testing.sample import PHOTOS, encode, photo
 
 LITE = model_spec("efficientnet_lite0")
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -14,8 +14,9 @@ import pytest
 from image_embeddings import load_config, run_ingest
 from image_embeddings.cli import main
 from image_embeddings.pipeline import run_pipeline
-from image_embeddings.sample import PHOTOS, encode, photo, write_sales, write_sample
-from image_embeddings.similar import SimilarError, model_rows, similar, top_k
+from image_embeddings.search.rows import SimilarError, model_rows
+from image_embeddings.search.similar import similar, top_k
+from image_embeddings.testing.sample import PHOTOS, encode, photo, write_sales, write_sample
 
 from reference import make_weights
 
@@ -183,7 +184,7 @@ def test_run_twice_with_the_relative_paths_of_conf_local_yaml(tmp_path: Path) ->
     """conf/local.yaml as shipped, in a fresh folder: `run` twice, the second finds nothing to do."""
     import shutil
 
-    from image_embeddings.sample import write_sample
+    from image_embeddings.testing.sample import write_sample
 
     (tmp_path / "conf").mkdir()
     shutil.copy(REPO / "conf" / "local.yaml", tmp_path / "conf" / "local.yaml")
@@ -225,7 +226,7 @@ def test_each_stage_uses_its_own_arrow_batch_size_and_restores_the_session(spark
     spark.conf.set(key, "4096")  # what a notebook might have set
     run_pipeline(spark, built["config"])
     assert spark.conf.get(key) == "4096", "the stages put the session's setting back"
-    from image_embeddings.spark import session_conf
+    from image_embeddings.core.spark import session_conf
 
     with session_conf(spark, {key: "7"}):
         assert spark.conf.get(key) == "7"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from image_embeddings.ingest import decode_in_child
-from image_embeddings.sample import PHOTOS, encode, photo, write_sales
+from image_embeddings.ingest.stage import decode_in_child
+from image_embeddings.testing.sample import PHOTOS, encode, photo, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = b"POISON-KILLS-ITS-DECODER"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.progress import Progress
+from image_embeddings.core.progress import Progress
 
 
 def _slow_job(spark: Any, tasks: int, seconds: float) -> int:
@@ -21,10 +21,10 @@ def _slow_job(spark: Any, tasks: int, seconds: float) -> int:
 
 
 def test_progress_logs_lines_with_counts_rate_and_time_left(spark: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="image_embeddings.progress")
+    caplog.set_level(logging.INFO, logger="image_embeddings.core.progress")
     with Progress(spark, "embed", 1200, "images", interval=0.3, terminal=False) as progress:
         assert _slow_job(spark, 12, 0.4) == 120
-    lines = [r.getMessage() for r in caplog.records if r.name == "image_embeddings.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "image_embeddings.core.progress"]
     assert lines == ["progress " + line for line in progress.lines]
     assert lines[-1].startswith("progress embed: 1,200 of 1,200 images (100%) in 0:0") and "images/s" in lines[-1]
     partial = [line for line in progress.lines[:-1] if " of 1,200 images (" in line and not line.startswith(

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_embeddings.images import downscale
-from image_embeddings.picture import TILE, Tile, neighbours_picture
-from image_embeddings.quality import AUGMENTATIONS, augment, drift_figures, retrieval_figures
-from image_embeddings.sample import encode, photo
+from image_embeddings.embed.drift import drift_figures
+from image_embeddings.ingest.images import downscale
+from image_embeddings.ops.evaluate import AUGMENTATIONS, augment, retrieval_figures
+from image_embeddings.testing.picture import TILE, Tile, neighbours_picture
+from image_embeddings.testing.sample import encode, photo
 
 
 def test_retrieval_figures_count_where_each_query_finds_its_original() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from image_embeddings.ingest import run_ingest
-from image_embeddings.sample import encode, photo, write_sample
-from image_embeddings.tables import IncompatibleTableError, sql_table, table_version
+from image_embeddings.core.tables import IncompatibleTableError, sql_table, table_version
+from image_embeddings.ingest.stage import run_ingest
+from image_embeddings.testing.sample import encode, photo, write_sample
 
 
 def _sales(folder: Path, frame: pd.DataFrame) -> None:

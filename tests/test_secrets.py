@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.redaction import is_secret_key, redact, scrub
-from image_embeddings.sample import write_sample
+from image_embeddings.core.redaction import is_secret_key, redact, scrub
+from image_embeddings.testing.sample import write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from image_embeddings.cli import main
-from image_embeddings.embed import run_embed
-from image_embeddings.embedder import WeightsError
-from image_embeddings.ingest import run_ingest
-from image_embeddings.sample import encode, photo, write_sales
-from image_embeddings.status import collect_status
+from image_embeddings.embed.embedder import WeightsError
+from image_embeddings.embed.stage import run_embed
+from image_embeddings.ingest.stage import run_ingest
+from image_embeddings.ops.status import collect_status
+from image_embeddings.testing.sample import encode, photo, write_sales
 
 NAMES = ("astronaut", "coffee", "chelsea")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from image_embeddings.tables import key_ranges, path_ranges, ranges_sql, sql_string, table_features
+from image_embeddings.core.tables import key_ranges, path_ranges, ranges_sql, sql_string, table_features
 
 EMBEDDINGS = ("image_id", "model_key", "sha256", "embedding")
 FILES = ("path", "image_id", "image")

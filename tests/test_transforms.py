@@ -1,4 +1,4 @@
-"""Unit tests of the pure stage 1 transforms in ``image_embeddings.ingest`` on tiny in-memory DataFrames."""
+"""Unit tests of the pure stage 1 transforms in ``image_embeddings.ingest.stage`` on tiny in-memory DataFrames."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from image_embeddings.ingest import (
+from image_embeddings.ingest.stage import (
     IngestError,
     _escape_glob,
     _uri_to_path,
@@ -382,7 +382,7 @@ def test_read_sales_unreadable_location(spark: Any, tmp_path: Path) -> None:
 def test_extensions_glob_is_case_insensitive() -> None:
     import fnmatch
 
-    from image_embeddings.ingest import extensions_glob
+    from image_embeddings.ingest.stage import extensions_glob
 
     glob = extensions_glob(("jpg", ".PNG", "webp"))
     assert glob == "*.{[jJ][pP][gG],[pP][nN][gG],[wW][eE][bB][pP]}"
@@ -396,7 +396,7 @@ def test_extensions_glob_is_case_insensitive() -> None:
 def test_local_frame_keeps_values_types_and_instants(spark) -> None:  # type: ignore[no-untyped-def]
     import datetime as dt
 
-    from image_embeddings.spark import local_frame
+    from image_embeddings.core.spark import local_frame
 
     at = dt.datetime(2026, 11, 23, 5, 40, 1, 250000, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     df = local_frame(spark, [("a b[1].jpg", None, at, 1.5), ("c", "x", None, None)],
@@ -445,7 +445,7 @@ def _files_read(df: Any) -> int:
 def test_clustered_writes_bounded_key_ordered_files_that_key_ranges_prune(spark: Any, tmp_path: Path) -> None:
     from pyspark.sql import functions as F
 
-    from image_embeddings.tables import clustered, in_ranges, key_ranges
+    from image_embeddings.core.tables import clustered, in_ranges, key_ranges
 
     rows = spark.range(0, 2000).select(F.format_string("img%05d", (F.col("id") * 7919) % 2000).alias("image_id"),
                                        F.lit("x" * 64).alias("pad"))

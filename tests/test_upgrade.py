@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from image_embeddings.core.tables import table_version
 from image_embeddings.pipeline import run_pipeline
-from image_embeddings.sample import encode, photo, write_sales
-from image_embeddings.tables import table_version
+from image_embeddings.testing.sample import encode, photo, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 # The last commit of the release that stored each thumbnail in both the files and the images table.

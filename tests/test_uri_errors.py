@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from image_embeddings.errors import EMPTY, REASONS, as_error, error, error_reason
-from image_embeddings.uri import is_local, is_s3, local_path, location_problem, qualify, scheme, split_s3
-from image_embeddings.weights import is_weights_spec
+from image_embeddings.core.backbones import is_weights_spec
+from image_embeddings.core.errors import EMPTY, REASONS, as_error, error, error_reason
+from image_embeddings.core.uri import is_local, is_s3, local_path, location_problem, qualify, scheme, split_s3
 
 
 @pytest.mark.parametrize(("location", "kind", "s3", "local"), [

@@ -20,7 +20,7 @@ def test_a_prepared_worker_keeps_zip_directories_and_still_imports_from_zips(spa
         import sys
         import zipimport
 
-        from image_embeddings.worker import prepare_worker
+        from image_embeddings.core.worker import prepare_worker
 
         for _ in batches:
             prepare_worker()
@@ -58,10 +58,10 @@ def test_jars_without_python_code_are_off_the_python_path(spark: Any) -> None:
 
 PAGE_FAULTS_PER_IMAGE = """
 import resource, sys, threading
-from image_embeddings.embedder import Embedder, EmbedderSettings
-from image_embeddings.images import downscale
-from image_embeddings.sample import PHOTOS, encode, photo
-from image_embeddings.worker import prepare_worker
+from image_embeddings.embed.embedder import Embedder, EmbedderSettings
+from image_embeddings.ingest.images import downscale
+from image_embeddings.testing.sample import PHOTOS, encode, photo
+from image_embeddings.embed.workers import prepare_worker
 
 if sys.argv[1] == "prepared":
     prepare_worker()

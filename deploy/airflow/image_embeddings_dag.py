@@ -1,7 +1,7 @@
 """Nightly image embeddings: wait for the day's upload -> ingest -> embed -> neighbours and maintain.
 
 The run date is the day whose upload a night processes: the UTC day before the night's scheduled time
-(`image_embeddings.deploy.run_date_for`, which the Databricks job uses too), or `params.run_date` of a manual run.
+(`image_embeddings.ops.deploy.run_date_for`, which the Databricks job uses too), or `params.run_date` of a manual run.
 The schedule is an explicit CronTriggerTimetable, so Airflow 2.11 and 3.x give a night the same
 data_interval_end whatever their defaults for cron strings. Runs the jobs as EMR steps (ingest and maintain
 optionally as EMR Serverless job runs) or as one run of the Databricks job deployed from the bundle, chosen by
@@ -11,7 +11,7 @@ After a successful embed, two tasks run, neither waiting for the other: `neighbo
 and the neighbours table brought to the embeddings table's new version; the embed environment: torch and faiss)
 and `maintain` (OPTIMIZE and VACUUM of the Delta tables). Neither changes the embeddings table's rows.
 Every run is idempotent, so a retry submits its step or job run again; the Databricks run is found again by its
-token and repaired. The arguments come from `image_embeddings.deploy`, the code that renders deploy/.
+token and repaired. The arguments come from `image_embeddings.ops.deploy`, the code that renders deploy/.
 Install the package (no extras) in the Airflow environment: `pip install spark-image-embeddings`.
 """
 
@@ -34,7 +34,7 @@ except ImportError:  # Airflow 2
     from airflow.models.param import Param
     from airflow.timetables.trigger import CronTriggerTimetable
 
-from image_embeddings.deploy import (
+from image_embeddings.ops.deploy import (
     SERVERLESS_STAGES,
     emr_serverless_job,
     emr_step,

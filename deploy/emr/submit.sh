@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submit the nightly steps (ingest, embed, neighbours, maintain; image_embeddings.deploy.emr_steps) to a running
+# Submit the nightly steps (ingest, embed, neighbours, maintain; image_embeddings.ops.deploy.emr_steps) to a running
 # EMR cluster:
 #   deploy/emr/submit.sh CLUSTER_ID S3_PREFIX RUN_DATE
 # S3_PREFIX holds what `make dist` built and the repo's jobs/ and conf/ (upload them first, e.g.
@@ -14,5 +14,5 @@ cluster_id=$1 s3_prefix=$2 run_date=$3
 python=${PYTHON:-$(dirname "$0")/../../.venv/bin/python}
 steps=$(mktemp)
 trap 'rm -f "$steps"' EXIT
-"$python" -m image_embeddings.deploy emr-steps --s3-prefix "$s3_prefix" --run-date "$run_date" > "$steps"
+"$python" -m image_embeddings.ops.deploy emr-steps --s3-prefix "$s3_prefix" --run-date "$run_date" > "$steps"
 ${AWS:-aws} emr add-steps --cluster-id "$cluster_id" --steps "file://$steps"

@@ -10,14 +10,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from image_embeddings.config import AppConfig, ConfigError, load_config
+from image_embeddings.core.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from image_embeddings.report import RunReport
+    from image_embeddings.core.report import RunReport
 
-__version__ = "0.1.0"
+from image_embeddings.core.version import __version__
 
 __all__ = ["AppConfig", "ConfigError", "__version__", "load_config", "run_embed", "run_ingest", "run_pipeline"]
 
@@ -31,7 +31,7 @@ def _config(config: AppConfig | str | os.PathLike[str], overrides: Sequence[str]
 def run_ingest(spark: SparkSession, config: AppConfig | str | os.PathLike[str], overrides: Sequence[str] = (),
                run_date: str | None = None, run_id: str | None = None, report_file: str | None = None) -> RunReport:
     """Run stage 1 with the caller's SparkSession (a notebook's, for example)."""
-    from image_embeddings.ingest import run_ingest as _run
+    from image_embeddings.ingest.stage import run_ingest as _run
 
     return _run(spark, _config(config, overrides, run_date), run_id=run_id, report_file=report_file,
                 run_date=run_date)
@@ -40,7 +40,7 @@ def run_ingest(spark: SparkSession, config: AppConfig | str | os.PathLike[str], 
 def run_embed(spark: SparkSession, config: AppConfig | str | os.PathLike[str], overrides: Sequence[str] = (),
               run_date: str | None = None, run_id: str | None = None, report_file: str | None = None) -> RunReport:
     """Run stage 2 with the caller's SparkSession."""
-    from image_embeddings.embed import run_embed as _run
+    from image_embeddings.embed.stage import run_embed as _run
 
     return _run(spark, _config(config, overrides, run_date), run_id=run_id, report_file=report_file,
                 run_date=run_date)

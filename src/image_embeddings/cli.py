@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from image_embeddings.config import AppConfig, ConfigError, load_config
+from image_embeddings.core.config import AppConfig, ConfigError, load_config
+from image_embeddings.ops.deploy import MARKER, STAGES, TRAILING_DAYS, ingest_dates, marker_exists, run_date_for
 
 log = logging.getLogger("image_embeddings")
 
@@ -84,7 +86,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str, log_file: str | None = None) -> None:
     """Configure stdlib logging once, for the command line and spark-submit entry points: ``level`` and up on
     the console; with ``log_file``, everything (stack traces included) in that file as well."""
-    from image_embeddings.redaction import ScrubbingFormatter
+    from image_embeddings.core.redaction import ScrubbingFormatter
 
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr, format=_FORMAT)
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -129,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         import json
 
-        from image_embeddings.config import as_dict
-        from image_embeddings.redaction import redact
+        from image_embeddings.core.config import as_dict
+        from image_embeddings.core.redaction import redact
 
         print(json.dumps(redact(as_dict(config)), indent=2, sort_keys=True))
         return 0
@@ -143,10 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
     import image_embeddings
-    from image_embeddings.embed import run_embed
-    from image_embeddings.ingest import run_ingest
+    from image_embeddings.core.spark import get_spark
+    from image_embeddings.embed.stage import run_embed
+    from image_embeddings.ingest.stage import run_ingest
     from image_embeddings.pipeline import run_pipeline
-    from image_embeddings.spark import get_spark
 
     log.info("image-embeddings %s (%s) %s", image_embeddings.__version__, image_embeddings.__file__, args.command)
     spark = get_spark(config, stage="embed" if args.command in ("embed", "run") else args.command,
@@ -157,14 +159,14 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         if args.command == "evaluate":
             return _evaluate(spark, config, args)
         if args.command == "index":
-            from image_embeddings.vector_index import index_line, run_index
+            from image_embeddings.search.index import index_line, run_index
 
             report = run_index(spark, config, full=args.full, run_id=args.run_id, report_file=args.report,
                                run_date=args.run_date)
             print(index_line(report.metrics))
             return 0
         if args.command == "neighbours":
-            from image_embeddings.neighbours import neighbours_line, run_neighbours_reported
+            from image_embeddings.search.neighbours import neighbours_line, run_neighbours_reported
 
             report = run_neighbours_reported(spark, config, k=args.k, full=args.full, run_id=args.run_id,
                                              report_file=args.report, run_date=args.run_date)
@@ -178,7 +180,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
         report = stage(spark, config, run_id=args.run_id, report_file=args.report, run_date=args.run_date)
         return 0 if report.status == "succeeded" else 1
     except Exception as exc:  # the package's errors, Spark's, the JVM's: one line; the trace in the log file
-        from image_embeddings.lease import LeaseHeldError
+        from image_embeddings.core.lease import LeaseHeldError
 
         wrote = args.command in ("ingest", "embed", "run", "neighbours") and not isinstance(exc, LeaseHeldError)
         return _failed(args, config, exc, writes=wrote)
@@ -186,7 +188,7 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
 
 def _failed(args: argparse.Namespace, config: AppConfig, exc: BaseException, writes: bool) -> int:
     """One line on the console: the command, the cause, what is untouched, where the report and details are."""
-    from image_embeddings.errors import failure_line
+    from image_embeddings.core.errors import failure_line
 
     parts = [f"{args.command} failed: {failure_line(exc)}"]
     if writes:
@@ -206,9 +208,9 @@ def _failed(args: argparse.Namespace, config: AppConfig, exc: BaseException, wri
 def _maintain(args: argparse.Namespace, config: AppConfig) -> int:
     """OPTIMIZE and VACUUM; needs neither the stages' modules nor torch."""
     import image_embeddings
-    from image_embeddings.maintain import MaintenanceError, RetentionTooShortError, run_maintain, table_line
-    from image_embeddings.spark import get_spark
-    from image_embeddings.tables import ConcurrentWriteError
+    from image_embeddings.core.spark import get_spark
+    from image_embeddings.core.tables import ConcurrentWriteError
+    from image_embeddings.ops.maintain import MaintenanceError, RetentionTooShortError, run_maintain, table_line
 
     log.info("image-embeddings %s (%s) maintain", image_embeddings.__version__, image_embeddings.__file__)
     spark = get_spark(config, stage="maintain", jvm_log=args.log_file)
@@ -230,8 +232,8 @@ def _status(args: argparse.Namespace, config: AppConfig) -> int:
     """Read the tables; needs neither the stages' modules nor torch."""
     import json
 
-    from image_embeddings.spark import get_spark
-    from image_embeddings.status import collect_status, status_lines
+    from image_embeddings.core.spark import get_spark
+    from image_embeddings.ops.status import collect_status, status_lines
 
     spark = get_spark(config, stage="status", jvm_log=args.log_file)
     status = collect_status(spark, config, runs=args.runs)
@@ -242,7 +244,7 @@ def _status(args: argparse.Namespace, config: AppConfig) -> int:
 def _evaluate(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
     import json
 
-    from image_embeddings.quality import evaluate, summary_lines
+    from image_embeddings.ops.evaluate import evaluate, summary_lines
 
     result = evaluate(spark, config, sample=args.sample, seed=args.seed)  # type: ignore[arg-type]
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -258,8 +260,8 @@ def _evaluate(spark: object, config: AppConfig, args: argparse.Namespace) -> int
 def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
     import json
 
-    from image_embeddings.similar import search
-    from image_embeddings.uri import is_local, local_path
+    from image_embeddings.core.uri import is_local, local_path
+    from image_embeddings.search.similar import search
 
     image = None
     if args.image is not None:
@@ -285,3 +287,47 @@ def _similar(spark: object, config: AppConfig, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _nightly_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="image-embeddings-nightly", description=nightly_main.__doc__)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run-date", default="", help="the day to process; empty: the day before --night")
+    parser.add_argument("--night", default="", help="the date the run was scheduled for (UTC); empty: today")
+    parser.add_argument("--trailing-days", default=str(TRAILING_DAYS), help="ingest: earlier days to read again")
+    parser.add_argument("--marker", default=MARKER, help="ingest: the file that marks a day's upload complete")
+    return parser
+
+
+def nightly_main(argv: Sequence[str] | None = None) -> int:
+    """One stage of the nightly Databricks job (the ``image-embeddings-nightly`` entry point).
+
+    Computes the run date as the Airflow DAG does, then runs ``image-embeddings STAGE``. Ingest first requires the
+    day's completion marker (exit 1 without it: the task's retries try again), then reads the day and each of the
+    previous ``--trailing-days`` days whose upload is complete; the exit code is the worst of those runs.
+    """
+    from image_embeddings import cli
+    from image_embeddings.core.config import ConfigError, load_config
+
+    args = _nightly_parser().parse_args(argv)
+    run_date = args.run_date or run_date_for(args.night or dt.datetime.now(dt.timezone.utc).date().isoformat())
+    if args.stage != "ingest":
+        return cli.main([args.stage, "--config", args.config, "--run-date", run_date])
+    try:
+        folder = load_config(args.config, run_date=run_date).input.images
+    except ConfigError as exc:  # one line, as the command itself says it
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+    def complete(day: str) -> bool:
+        config = load_config(args.config, run_date=day)
+        return marker_exists(config.input.images, args.marker, config.s3.endpoint, config.s3.region)
+
+    if not complete(run_date):
+        print(f"ingest refused: the upload of {run_date} is not complete (no {args.marker} in {folder})",
+              file=sys.stderr)
+        return 1
+    codes = [cli.main(["ingest", "--config", args.config, "--run-date", day])
+             for day in ingest_dates(run_date, int(args.trailing_days), complete)]
+    return max(codes)

@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from image_embeddings.config import AppConfig
-from image_embeddings.embed import embedder_settings, resolve_config_weights, run_embed
-from image_embeddings.embedder import EmbedderSettings
-from image_embeddings.ingest import run_ingest
-from image_embeddings.lease import leased
-from image_embeddings.report import RunReport, new_run_id
+from image_embeddings.core.config import AppConfig
+from image_embeddings.core.lease import leased
+from image_embeddings.core.report import RunReport, new_run_id
+from image_embeddings.embed.embedder import EmbedderSettings
+from image_embeddings.embed.identity import embedder_settings, resolve_config_weights
+from image_embeddings.embed.stage import run_embed, warm_up_workers
+from image_embeddings.ingest.stage import run_ingest
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -31,7 +32,8 @@ def run_pipeline(spark: SparkSession, config: AppConfig, run_id: str | None = No
     base = run_id or new_run_id("run")
     stages: dict[str, RunReport] = {}
     try:
-        warm_up = _warm_up_settings(config)
+        settings = _warm_up_settings(config)
+        warm_up = None if settings is None else (lambda: warm_up_workers(spark, settings))
         stages["ingest"] = run_ingest(spark, config, run_id=f"{base}-ingest", run_date=run_date, warm_up=warm_up)
         stages["embed"] = run_embed(spark, config, run_id=f"{base}-embed", run_date=run_date)
     finally:
