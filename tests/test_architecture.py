@@ -33,3 +33,17 @@ def test_a_broken_layer_is_caught(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(copy), "PATH": ""})
     assert done.returncode != 0
     assert "image_embeddings.core.config -> image_embeddings.ingest.images" in done.stdout
+
+
+def test_no_function_in_src_is_longer_than_60_lines() -> None:
+    """Each stage reads as small phases: a function over 60 lines (docstring included) is a phase to split."""
+    import ast
+
+    long = []
+    for path in sorted((REPO / "src" / "image_embeddings").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > 60:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)

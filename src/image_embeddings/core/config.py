@@ -87,7 +87,7 @@ class SparkConfig:
     s3_packages: tuple[str, ...] = ()
     ivy_dir: str | None = None
     # Local sessions only: a folder for the driver JVM's class-data-sharing archive (made by the first run, used by
-    # later ones: about 4 s less per run on 2 cores). Empty: none.
+    # later ones, which then skip loading and verifying those classes). Empty: none.
     class_archive_dir: str | None = None
     arrow_max_records_per_batch: int = 32
     arrow_max_bytes_per_batch: int = 64 * 1024 * 1024
@@ -405,7 +405,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _check(config: AppConfig) -> None:
-    inp, out, pre, spark, s3 = config.input, config.output, config.preprocess, config.spark, config.s3
+    """Every value check, section by section: the first problem fails naming its key."""
+    _check_input(config.input, config.output)
+    _check_preprocess(config.preprocess)
+    _check_model(config.model)
+    _check_spark(config.spark)
+    _check_s3(config.s3)
+    if config.maintenance.vacuum_retention_hours < 0:
+        raise ConfigError("maintenance.vacuum_retention_hours: must be >= 0, got "
+                          f"{config.maintenance.vacuum_retention_hours}")
+    _check_index(config.index)
+    _check_lease(config.lease)
+
+
+def _check_input(inp: InputConfig, out: OutputConfig) -> None:
     for key, value in (("input.images", inp.images), ("input.sales", inp.sales),
                        ("output.images_table", out.images_table),
                        ("output.embeddings_table", out.embeddings_table),
@@ -432,6 +445,9 @@ def _check(config: AppConfig) -> None:
         raise ConfigError("input.max_file_bytes: must be between 1 and 2000000000 (Spark reads at most 2 GB)")
     if not inp.sales_key:
         raise ConfigError("input.sales_key: must not be empty")
+
+
+def _check_preprocess(pre: PreprocessConfig) -> None:
     if pre.mode not in MODES:
         raise ConfigError(f"preprocess.mode: must be one of {', '.join(MODES)}")
     if not 8 <= pre.size <= 4096:
@@ -444,7 +460,9 @@ def _check(config: AppConfig) -> None:
         raise ConfigError("preprocess.max_pixels: must be positive")
     if pre.max_decoded_bytes < 1:
         raise ConfigError(f"preprocess.max_decoded_bytes: must be at least 1, got {pre.max_decoded_bytes}")
-    _check_model(config.model)
+
+
+def _check_spark(spark: SparkConfig) -> None:
     if spark.arrow_max_records_per_batch < 1:
         raise ConfigError("spark.arrow_max_records_per_batch: must be positive")
     if not 1 <= spark.arrow_max_bytes_per_batch < 2**31 - 1:
@@ -460,6 +478,9 @@ def _check(config: AppConfig) -> None:
                 raise ConfigError(f"{section}.{key}: the value carries credentials in a URL (user info before "
                                   "'@'); remove them (for a Maven repository, use spark.jars.ivySettings with a "
                                   "credentials file)")
+
+
+def _check_s3(s3: S3Config) -> None:
     if s3.max_attempts < 1 or s3.retry_limit < 0:
         raise ConfigError("s3.max_attempts: must be >= 1 and s3.retry_limit >= 0")
     if s3.endpoint is not None and has_user_info(s3.endpoint):
@@ -467,11 +488,6 @@ def _check(config: AppConfig) -> None:
                           "they come from the AWS default provider chain")
     if s3.endpoint is not None and not re.match(r"^https?://[^\s/@]+(/|$)", s3.endpoint):
         raise ConfigError(f"s3.endpoint: expected http(s)://host[:port], got {scrub(s3.endpoint)!r}")
-    if config.maintenance.vacuum_retention_hours < 0:
-        raise ConfigError("maintenance.vacuum_retention_hours: must be >= 0, got "
-                          f"{config.maintenance.vacuum_retention_hours}")
-    _check_index(config.index)
-    _check_lease(config.lease)
 
 
 def _check_lease(lease: LeaseConfig) -> None:

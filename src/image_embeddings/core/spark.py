@@ -260,8 +260,8 @@ def drop_java_jars_from_python_path(spark: SparkSession) -> list[str]:
 
     Spark puts every jar resolved from ``spark.jars.packages`` on the Python path, since a jar may carry a Python
     package (Delta's does). Anything that asks ``importlib.metadata`` for installed distributions then reads each
-    jar's whole zip directory: ``import torch`` does, and with the AWS SDK bundle on the path it took 4.8 s of CPU in
-    a Python worker instead of 1.3 s. Jars holding ``.py`` files stay; jars over ``SCAN_JAR_BYTES`` go unread.
+    jar's whole zip directory: ``import torch`` does, and the AWS SDK bundle's directory alone is larger than torch's
+    import. Jars holding ``.py`` files stay; jars over ``SCAN_JAR_BYTES`` go unread.
     """
     import zipfile
 
@@ -290,3 +290,12 @@ def drop_java_jars_from_python_path(spark: SparkSession) -> list[str]:
         sys.path[:] = [entry for entry in sys.path if entry not in paths]
         log.info("jars without Python code taken off the Python path: %s", ", ".join(dropped))
     return dropped
+
+
+def persisted(stack: contextlib.ExitStack, df: DataFrame) -> DataFrame:
+    """``df`` cached (memory, then disk) until ``stack`` closes."""
+    from pyspark import StorageLevel
+
+    cached = df.persist(StorageLevel.MEMORY_AND_DISK)
+    stack.callback(cached.unpersist)
+    return cached

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -392,3 +393,49 @@ def add_columns(spark: SparkSession, path: str, existing: DataFrame, target: Dat
                         lambda: spark.sql(f"ALTER TABLE {sql_table(path)} ADD COLUMNS ({columns})"))
     log.info("%s at %s: added column(s) %s, rows kept", what, path, columns)
     return [f.name for f in missing]
+
+
+@dataclass(frozen=True)
+class ChangesSince:
+    """A table's changes after the version a stage recorded. ``reason`` says why the stage must compare every row
+    instead (None: it need not); ``changes`` is None when nothing changed (or a full pass is needed)."""
+
+    reason: str | None
+    changes: DataFrame | None = None
+
+
+def changes_since(spark: SparkSession, path: str, since: int, version: int, columns: tuple[str, ...],
+                  what: str) -> ChangesSince:
+    """The change data feed of the table at ``path`` after version ``since`` up to ``version`` (``what``: the
+    table's name in the reason), the one way every stage reads what changed since its recorded state."""
+    if since > version:
+        return ChangesSince(f"full: recorded {what} version is ahead of the table")
+    if since == version:
+        return ChangesSince(None)
+    changes = read_changes(spark, path, since, version, columns)
+    if changes is None:
+        return ChangesSince("full: change data feed unavailable")
+    return ChangesSince(None, changes)
+
+
+@dataclass(frozen=True)
+class KeyScope:
+    """The rows whose ``column`` is among ``keys``' (a small, cached frame of that column), and ``ranges`` of
+    those keys (None past :data:`MAX_LITERAL_KEYS`), so Delta and Parquet skip data files that cannot hold them."""
+
+    keys: DataFrame
+    column: str
+    ranges: list[tuple[str, str]] | None
+
+    def restrict(self, df: DataFrame) -> DataFrame:
+        """``df``'s rows with one of the keys: by the ranges first, then by a broadcast semi-join."""
+        from pyspark.sql import functions as F
+
+        near = df if self.ranges is None else df.where(in_ranges(self.column, self.ranges))
+        return near.join(F.broadcast(self.keys), self.column, "left_semi")
+
+
+def key_scope(keys: DataFrame, column: str) -> KeyScope:
+    """The :class:`KeyScope` of ``keys``, the one way every stage restricts its reads to changed keys."""
+    ids = literal_keys(keys, column)
+    return KeyScope(keys, column, None if ids is None else key_ranges(ids))

@@ -19,7 +19,7 @@ def prepare_worker() -> None:
 
     Spark's worker calls ``importlib.invalidate_caches()`` at the start of every task. Before Python 3.13,
     ``zipimporter.invalidate_caches`` re-reads the archive's whole directory, and once per package inside it
-    (``pyspark.zip`` holds dozens): 80 to 100 ms of CPU per task here, as long as decoding the task's images took.
+    (``pyspark.zip`` holds dozens), a cost of the order of decoding the task's images.
     Python 3.13 made it lazy. The archives on a worker's path (``pyspark.zip``, py4j, ``--py-files``) do not
     change while the worker lives, so a re-read finds nothing new; after this call the worker's zip importers keep
     the directories they read. Also sets malloc's thresholds (:func:`keep_freed_memory`). Called by each UDF of

@@ -1,8 +1,9 @@
 """Stage 2's model side in plain Python: an :class:`Embedder` turns JPEG bytes into float32 embeddings in
 batches, on the CPU or a GPU. Nothing here imports Spark; torch is imported only when a model is built.
 
-The backbones are in :mod:`image_embeddings.core.backbones`, their weights in :mod:`image_embeddings.embed.weights`, the CPU
-speed-ups in :mod:`image_embeddings.embed.speedups`, one embedder per worker process in :mod:`image_embeddings.embed.workers`.
+The backbones are in :mod:`image_embeddings.core.backbones`, their weights in :mod:`image_embeddings.embed.weights`,
+the CPU speed-ups in :mod:`image_embeddings.embed.speedups`, one embedder per worker process in
+:mod:`image_embeddings.embed.workers`.
 """
 
 from __future__ import annotations

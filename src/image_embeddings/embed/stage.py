@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.core.backbones import model_spec
@@ -16,18 +19,19 @@ from image_embeddings.core.config import AppConfig
 from image_embeddings.core.lease import leased
 from image_embeddings.core.progress import Progress
 from image_embeddings.core.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.core.spark import concurrently, session_conf
+from image_embeddings.core.spark import concurrently, persisted, session_conf
 from image_embeddings.core.tables import (
+    changes_since,
     clustered,
     commit_state,
     ensure_features,
     in_ranges,
     key_ranges,
+    key_scope,
     literal_keys,
     merge_changes,
     path_ranges,
     ranges_sql,
-    read_changes,
     read_table,
     record_state,
     require_columns,
@@ -36,7 +40,7 @@ from image_embeddings.core.tables import (
     with_commit_retries,
 )
 from image_embeddings.embed.drift import run_drift
-from image_embeddings.embed.embedder import EmbedderSettings
+from image_embeddings.embed.embedder import EmbedderSettings, Weights
 from image_embeddings.embed.identity import embedder_settings, model_key, resolve_config_weights
 
 if TYPE_CHECKING:
@@ -205,13 +209,9 @@ def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame |
         return "full: new table", None
     if state is None:
         return "full: no recorded state for this model", None
-    since = int(state[1]["images_table_version"])
-    if since > images_version:
-        return "full: recorded images-table version is ahead of the table", None
-    keys = read_changes(spark, images_path, since, images_version, ("image_id",))
-    if keys is None:
-        return "full: change data feed unavailable", None
-    return None, keys
+    feed = changes_since(spark, images_path, int(state[1]["images_table_version"]), images_version, ("image_id",),
+                         "images-table")
+    return feed.reason, feed.changes
 
 
 # Embeddings-table rows per data file a run writes (about 7 MB at 2048 dimensions): a MERGE that replaces a few
@@ -231,9 +231,47 @@ def _merge_scope(key: str, result: DataFrame, n_result: int, stale: DataFrame | 
 
 
 def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> None:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
+    """Stage 2 as its phases: check the inputs -> plan (the images to embed) -> embed -> write the embeddings."""
+    inputs = _inputs(spark, config)
+    report.metrics.update(model=config.model.name, model_key=inputs.key, weights=config.model.weights,
+                          weights_checksum=inputs.weights.checksum)
+    with ExitStack() as cached:
+        with report.step("plan"):
+            plan = _plan(spark, config, inputs, cached)
+        report.metrics.update(plan.metrics())
+        if plan.todo is None:  # the images table has not changed since this model's last commit
+            report.metrics.update(UNCHANGED)
+        else:
+            result = _embedded_rows(spark, config, inputs, plan, report.run_id, cached)
+            with report.step("embed"), Progress(spark, "embed", plan.to_embed, "images"):
+                summary = summarize_embedded(result, plan.to_embed, time.monotonic())
+            report.metrics.update(summary.metrics(plan.considered))
+            if summary.embedded:
+                with report.step("drift"):
+                    report.metrics["drift"] = run_drift(result, plan.existing, inputs.key)
+            write = _write_embeddings(spark, config, inputs.key, plan, result, summary.rows, report)
+            report.metrics.update(write.metrics())
+    report.metrics["embeddings_table_version"] = table_version(spark, config.output.embeddings_table)
 
+
+# The report of a run that found the images table as this model's last commit left it.
+UNCHANGED: dict[str, Any] = dict(rows_considered=0, embedded=0, skipped=0, removed=0, errors={}, python_workers=0,
+                                 model_loads=0, workers_warmed_up=0, batches=0, device=[], precision=[],
+                                 embed_seconds=0.0)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Stage 2's checked inputs: the files table (thumbnails), the weights, the embedder and the model key."""
+
+    files: DataFrame
+    weights: Weights
+    settings: EmbedderSettings
+    key: str
+
+
+def _inputs(spark: SparkSession, config: AppConfig) -> _Inputs:
+    """Check that stage 1's tables exist and fit this model, and resolve the weights (or fail in one line)."""
     out, mc = config.output, config.model
     spec = model_spec(mc.name)
     if config.preprocess.size != spec.input_size:
@@ -247,109 +285,157 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     if files is None:
         raise EmbedError(f"output.files_table: no Delta table at {out.files_table_path}; run `ingest` first")
     weights = resolve_config_weights(config)
-    settings = embedder_settings(config, weights)
-    preprocess_id = config.preprocess.preprocess_id
-    key = model_key(mc.name, weights.checksum, preprocess_id, mc.normalize)
-    m = report.metrics
-    m.update(model=mc.name, model_key=key, weights=mc.weights, weights_checksum=weights.checksum)
+    key = model_key(mc.name, weights.checksum, config.preprocess.preprocess_id, mc.normalize)
+    return _Inputs(files, weights, embedder_settings(config, weights), key)
 
-    with report.step("plan"):
-        images_version = table_version(spark, out.images_table)
-        assert images_version is not None
-        images = spark.read.format("delta").option("versionAsOf", images_version).load(out.images_table)
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What this run embeds: the images-table version it reflects, this model's state, the rows to embed
+    (``todo``; None when nothing changed) and the stale rows to remove."""
+
+    images_version: int
+    existing: DataFrame | None
+    state: tuple[int, dict[str, Any]] | None
+    sync: str
+    todo: DataFrame | None = None
+    stale: DataFrame | None = None
+    considered: int = 0
+    to_embed: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"images_table_version": self.images_version, "images_sync": self.sync,
+                "rows_considered": self.considered}
+
+
+def _plan(spark: SparkSession, config: AppConfig, inputs: _Inputs, cached: ExitStack) -> EmbedPlan:
+    """The images whose embedding for this model is missing or out of date, read only where they changed."""
+    from pyspark.sql import functions as F
+
+    out, key = config.output, inputs.key
+    images_version = table_version(spark, out.images_table)
+    assert images_version is not None
+    images = spark.read.format("delta").option("versionAsOf", images_version).load(out.images_table)
+    existing = read_table(spark, out.embeddings_table)
+    if existing is not None:
+        require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
+        ensure_features(spark, out.embeddings_table)
         existing = read_table(spark, out.embeddings_table)
-        if existing is not None:
-            require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
-            ensure_features(spark, out.embeddings_table)
-            existing = read_table(spark, out.embeddings_table)
-        state = commit_state(spark, out.embeddings_table,
-                             lambda s: s.get("model_key") == key and "images_table_version" in s)
-        m["images_table_version"] = images_version
-        if existing is not None and state is not None and int(state[1]["images_table_version"]) == images_version:
-            # The images table has not changed since this model's last commit: nothing to embed or remove.
-            m.update(images_sync="incremental", rows_considered=0, embedded=0, skipped=0, removed=0, errors={},
-                     python_workers=0, model_loads=0, workers_warmed_up=0, batches=0, device=[], precision=[],
-                     embed_seconds=0.0, embeddings_table_version=table_version(spark, out.embeddings_table))
-            return
-        reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
-        m["images_sync"] = reason or "incremental"
-        current = images.select("image_id", "sha256", "path", "error")
-        mine = None if existing is None else existing.where(F.col("model_key") == key)
-        if keys is not None:
-            # The changed image_ids as ranges too: Delta then reads only the data files that may hold them.
-            ids = literal_keys(keys, "image_id")
-            if ids is not None:
-                near = in_ranges("image_id", key_ranges(ids))
-                current = current.where(near)
-                mine = None if mine is None else mine.where(near)
-            current = current.join(F.broadcast(keys), "image_id", "left_semi")
-            mine = None if mine is None else mine.join(F.broadcast(keys), "image_id", "left_semi")
-        wanted = select_todo(current, mine, key).persist(StorageLevel.MEMORY_AND_DISK)
-        stale = stale_rows(current, mine, key)
-        m["rows_considered"], n_todo = concurrently(current.count, wanted.count)
-        thumbnails = files.select("path", "sha256", "image")
-        if keys is not None and 0 < n_todo <= MAX_LISTED_PATHS:
-            # Only the data files that hold these thumbnails are read (Delta skips the others by path range).
-            paths = [r["path"] for r in wanted.select("path").collect()]
-            thumbnails = thumbnails.where(in_ranges("path", path_ranges(paths)))
-        todo = wanted.join(thumbnails, ["path", "sha256"]).select("image_id", "sha256", "image")
-        # Spread the images over every task slot (every core, or every GPU share) of the cluster.
-        todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)
+    state = commit_state(spark, out.embeddings_table,
+                         lambda s: s.get("model_key") == key and "images_table_version" in s)
+    if existing is not None and state is not None and int(state[1]["images_table_version"]) == images_version:
+        return EmbedPlan(images_version, existing, state, "incremental")
+    reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
+    current = images.select("image_id", "sha256", "path", "error")
+    mine = None if existing is None else existing.where(F.col("model_key") == key)
+    if keys is not None:
+        scope = key_scope(persisted(cached, keys), "image_id")
+        current, mine = scope.restrict(current), None if mine is None else scope.restrict(mine)
+    wanted = persisted(cached, select_todo(current, mine, key))
+    considered, to_embed = concurrently(current.count, wanted.count)
+    thumbnails = inputs.files.select("path", "sha256", "image")
+    if keys is not None and 0 < to_embed <= MAX_LISTED_PATHS:
+        # Only the data files that hold these thumbnails are read (Delta skips the others by path range).
+        paths = [r["path"] for r in wanted.select("path").collect()]
+        thumbnails = thumbnails.where(in_ranges("path", path_ranges(paths)))
+    todo = wanted.join(thumbnails, ["path", "sha256"]).select("image_id", "sha256", "image")
+    # Spread the images over every task slot (every core, or every GPU share) of the cluster.
+    todo = todo.repartition(config.model.partitions or spark.sparkContext.defaultParallelism)
+    return EmbedPlan(images_version, existing, state, reason or "incremental", todo,
+                     stale_rows(current, mine, key), considered, to_embed)
+
+
+def _embedded_rows(spark: SparkSession, config: AppConfig, inputs: _Inputs, plan: EmbedPlan, run_id: str,
+                   cached: ExitStack) -> DataFrame:
+    """The embeddings-table rows of ``plan.todo`` (with each worker's counters), cached: computed by one job."""
+    from pyspark.sql import functions as F
+
+    mc = config.model
+    assert plan.todo is not None
     # The embedding UDF's own batch size, for this stage only (stage 1 keeps its smaller batches of whole files).
-    with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(mc.arrow_batch_rows)}):
-        embedded_at = utcnow()
-        started = time.monotonic()
-        result = todo.withColumn("_e", embed_column(F.col("image"), settings)).select(
-            "image_id", F.lit(key).alias("model_key"), "sha256", F.col("_e.embedding").alias("embedding"),
-            F.lit(mc.name).alias("model"), F.lit(weights.checksum).alias("weights_checksum"),
-            F.lit(preprocess_id).alias("preprocess_id"), F.lit(mc.normalize).alias("normalized"),
-            F.col("_e.precision").alias("precision"), F.col("_e.device").alias("device"),
-            F.col("_e.error").alias("error"), F.lit(report.run_id).alias("run_id"),
-            F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
-            F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
-            F.col("_e.worker_batches").alias("_batches"), F.col("_e.warmed").alias("_warmed"),
-        ).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            with report.step("embed"), Progress(spark, "embed", n_todo, "images"):
-                # Nothing to embed (a rerun): no job at all, so no Python worker starts.
-                stats = (result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
-                         if n_todo else {"rows": 0, "ok": 0})
-            assert stats is not None
-            m["embed_seconds"] = round(time.monotonic() - started, 3)
-            workers = result.groupBy("_pid").agg(
-                F.max("_loads").alias("loads"), F.min(F.col("_warmed").cast("int")).alias("warmed"),
-                F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
-                F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")
-            ).collect() if n_todo else []
-            m["python_workers"] = len(workers)
-            m["model_loads"] = sum(int(r["loads"]) for r in workers)
-            # Workers whose first task found the model loaded or loading: by stage 1 of `run`, or an earlier run.
-            m["workers_warmed_up"] = sum(int(r["warmed"]) for r in workers)
-            m["batches"] = sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers)
-            m["embedded"] = int(stats["ok"])
-            m["errors"] = errors_by_reason(result) if n_todo else {}
-            m["device"] = sorted({d for r in workers for d in r["devices"] if d})
-            m["precision"] = sorted({p for r in workers for p in r["precisions"] if p})
-            if m["embedded"]:
-                with report.step("drift"):
-                    m["drift"] = run_drift(result, existing, key)
-            n_stale = stale.count() if stale is not None else 0
-            m["skipped"] = m["rows_considered"] - int(stats["rows"])
-            m["removed"] = n_stale
-            # Recorded with the commit: the images-table version these embeddings reflect.
-            reached = {"model_key": key, "images_table_version": images_version}
-            if int(stats["rows"]) or n_stale or existing is None:
-                with report.step("write_embeddings_table"):
-                    rows = clustered(result.select(*EMBEDDING_COLUMNS), "image_id", int(stats["rows"]),
-                                     ROWS_PER_EMBEDDINGS_FILE)
-                    _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
-                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"], metadata=reached,
-                        target_filter=_merge_scope(key, result, int(stats["rows"]), stale, n_stale)))
-            elif state is None or state[1]["images_table_version"] != images_version:
-                record_state(spark, out.embeddings_table, reached)  # nothing to embed, but later runs start here
-        finally:
-            result.unpersist()
-            wanted.unpersist()
-            if keys is not None:
-                keys.unpersist()
-    m["embeddings_table_version"] = table_version(spark, out.embeddings_table)
+    cached.enter_context(session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch":
+                                              str(mc.arrow_batch_rows)}))
+    result = plan.todo.withColumn("_e", embed_column(F.col("image"), inputs.settings)).select(
+        "image_id", F.lit(inputs.key).alias("model_key"), "sha256", F.col("_e.embedding").alias("embedding"),
+        F.lit(mc.name).alias("model"), F.lit(inputs.weights.checksum).alias("weights_checksum"),
+        F.lit(config.preprocess.preprocess_id).alias("preprocess_id"), F.lit(mc.normalize).alias("normalized"),
+        F.col("_e.precision").alias("precision"), F.col("_e.device").alias("device"),
+        F.col("_e.error").alias("error"), F.lit(run_id).alias("run_id"),
+        F.lit(utcnow()).cast("timestamp").alias("embedded_at"),
+        F.col("_e.worker_pid").alias("_pid"), F.col("_e.model_loads").alias("_loads"),
+        F.col("_e.worker_batches").alias("_batches"), F.col("_e.warmed").alias("_warmed"),
+    )
+    return persisted(cached, result)
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What one embedding job did: rows, rows embedded, errors by reason, and its Python workers' counters."""
+
+    rows: int = 0
+    embedded: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    workers: int = 0
+    model_loads: int = 0
+    warmed_up: int = 0  # workers whose first task found the model loaded or loading (stage 1 of `run`, or earlier)
+    batches: int = 0
+    devices: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+
+    def metrics(self, considered: int) -> dict[str, Any]:
+        return {"embed_seconds": self.seconds, "python_workers": self.workers, "model_loads": self.model_loads,
+                "workers_warmed_up": self.warmed_up, "batches": self.batches, "embedded": self.embedded,
+                "errors": dict(self.errors), "device": list(self.devices), "precision": list(self.precisions),
+                "skipped": considered - self.rows}
+
+
+def summarize_embedded(result: DataFrame, to_embed: int, started: float) -> EmbedSummary:
+    """Run the embedding job (none when there is nothing to embed: no Python worker starts) and summarize it."""
+    from pyspark.sql import functions as F
+
+    if not to_embed:
+        return EmbedSummary(seconds=round(time.monotonic() - started, 3))
+    stats = result.agg(F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("ok")).first()
+    assert stats is not None
+    seconds = round(time.monotonic() - started, 3)
+    workers = result.groupBy("_pid").agg(
+        F.max("_loads").alias("loads"), F.min(F.col("_warmed").cast("int")).alias("warmed"),
+        F.max("_batches").alias("batches"), F.min("_batches").alias("first"),
+        F.collect_set("device").alias("devices"), F.collect_set("precision").alias("precisions")).collect()
+    return EmbedSummary(
+        rows=int(stats["rows"]), embedded=int(stats["ok"]), errors=errors_by_reason(result), seconds=seconds,
+        workers=len(workers), model_loads=sum(int(r["loads"]) for r in workers),
+        warmed_up=sum(int(r["warmed"]) for r in workers),
+        batches=sum(int(r["batches"]) - int(r["first"]) + 1 for r in workers),
+        devices=tuple(sorted({d for r in workers for d in r["devices"] if d})),
+        precisions=tuple(sorted({p for r in workers for p in r["precisions"] if p})))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a run wrote to its table: rows removed, and the commit attempts (0: nothing written)."""
+
+    removed: int
+    attempts: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"removed": self.removed, **({"embeddings_table_attempts": self.attempts} if self.attempts else {})}
+
+
+def _write_embeddings(spark: SparkSession, config: AppConfig, key: str, plan: EmbedPlan, result: DataFrame,
+                      rows: int, report: RunReport) -> WriteResult:
+    """Merge the new embeddings and remove the stale ones; the commit records the images-table version."""
+    table, stale = config.output.embeddings_table, plan.stale
+    n_stale = stale.count() if stale is not None else 0
+    reached = {"model_key": key, "images_table_version": plan.images_version}
+    if rows or n_stale or plan.existing is None:
+        with report.step("write_embeddings_table"):
+            written = clustered(result.select(*EMBEDDING_COLUMNS), "image_id", rows, ROWS_PER_EMBEDDINGS_FILE)
+            _, attempts = with_commit_retries(table, lambda: merge_changes(
+                spark, table, written, stale, ["image_id", "model_key"], metadata=reached,
+                target_filter=_merge_scope(key, result, rows, stale, n_stale)))
+        return WriteResult(n_stale, attempts)
+    if plan.state is None or plan.state[1]["images_table_version"] != plan.images_version:
+        record_state(spark, table, reached)  # nothing to embed, but later runs start here
+    return WriteResult(n_stale)

@@ -147,7 +147,7 @@ def load_model(model: ModelSpec, weights: Weights) -> Any:
             torch.manual_seed(weights.seed or 0)
             net = model.build()
         return model.strip_head(net).eval()
-    # Built without memory or random initialization (0.5 s of CPU for ResNet50): the file's tensors are assigned.
+    # Built without memory or random initialization, which the file's tensors replace anyway: they are assigned.
     with torch.device("meta"):
         net = model.build()
     assert weights.path is not None

@@ -38,9 +38,8 @@ def cached_embedder(settings: EmbedderSettings) -> Embedder:
             embedder = Embedder(settings)
             _EMBEDDERS[settings] = embedder
             _LOADS[settings] = _LOADS.get(settings, 0) + 1
-            # A reused Spark Python worker runs a full gc.collect() after every task; with torch and the model
-            # loaded (hundreds of thousands of objects) each took about 0.1 s of CPU, about 3 s for a run of 600
-            # photos on local[2]. Frozen, the objects that exist now are skipped by every later collection.
+            # A reused Spark Python worker runs a full gc.collect() after every task, which walks every object of
+            # torch and the model; frozen, the objects that exist now are skipped by every later collection.
             gc.freeze()
             log.info("loaded %s (%s, %s, %s) in process %d", settings.model, embedder.weights.checksum[:19],
                      embedder.device, embedder.precision, os.getpid())

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.core.config import AppConfig, PreprocessConfig
@@ -24,19 +26,18 @@ from image_embeddings.core.errors import EMPTY, NO_IMAGE_ID, UNREADABLE, reason_
 from image_embeddings.core.lease import leased
 from image_embeddings.core.progress import Progress
 from image_embeddings.core.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.core.spark import concurrently, local_frame, runtime_settings, session_conf
+from image_embeddings.core.spark import concurrently, local_frame, persisted, runtime_settings, session_conf
 from image_embeddings.core.tables import (
     add_columns,
+    changes_since,
     clustered,
     commit_state,
     create,
     ensure_features,
     in_ranges,
-    key_ranges,
-    literal_keys,
+    key_scope,
     merge_changes,
     ranges_sql,
-    read_changes,
     read_table,
     record_state,
     require_columns,
@@ -503,122 +504,223 @@ TO_DO = ("new", "changed", "retry")  # the plan's statuses of files this run dec
 
 def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
             on_decoded: Callable[[], None] = lambda: None) -> None:
-    from pyspark import StorageLevel
+    """Stage 1 as its phases: list -> plan -> read and decode -> write the files table -> sync the images table."""
     from pyspark.sql import functions as F
 
     inp, out, pre = config.input, config.output, config.preprocess
     started = time.monotonic()
     root = qualify(inp.images)
-    m = report.metrics
-    m["input_images"] = root
-    m["preprocess_id"] = pre.preprocess_id
-
-    def check_sales() -> tuple[DataFrame, str, tuple[int, dict[str, Any]] | None]:
-        sales = read_sales(spark, inp.sales, inp.sales_key)
-        sales_fp = sales_fingerprint(spark, inp.sales)
-        images_state = commit_state(spark, out.images_table, lambda s: "files_table_version" in s)
-        # Sales files that have not changed since the images table was last brought up to date passed it then.
-        if images_state is None or images_state[1].get("sales") != sales_fp:
-            _check_sales_keys(sales, inp.sales_key)
-        return sales, sales_fp, images_state
-
-    # The sales table is read and its keys checked beside listing and planning (the driver's work of each overlaps
-    # the other's Spark jobs); nothing is read or written before it passed.
-    sales_check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sales-check")
-    sales_checked = sales_check.submit(check_sales)
-    sales_check.shutdown(wait=False)
-
+    report.metrics.update(input_images=root, preprocess_id=pre.preprocess_id)
+    # Read and checked beside listing and planning (each one's driver work overlaps the other's Spark jobs);
+    # nothing is written before it passed.
+    sales_checked = _in_background(lambda: check_sales(spark, config))
     with report.step("list"):
-        listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
-        files = read_table(spark, out.files_table_path)
-        if files is not None:
-            require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
-            ensure_features(spark, out.files_table_path)
-            files = read_table(spark, out.files_table_path)
-        images_now = read_table(spark, out.images_table)
-        if images_now is not None:
-            require_columns(images_now, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
-                            "output.images_table")
-    # Only the files-table rows under the listed folder: Delta skips the data files of other folders (days) by
-    # their path statistics, so planning reads what this run lists, not the whole table.
+        listing, files = _listed(spark, config, root)
+    # Only the files-table rows under the listed folder: Delta skips other folders' (days') data files by their
+    # path statistics, so planning reads what this run lists, not the whole table.
     scope = root.rstrip("/") + "/"
     in_scope = None if files is None else files.where(F.col("path").startswith(scope))
-    plan = plan_files(listing, in_scope, root, pre.preprocess_id, inp.max_file_bytes, inp.track_deletions)
-    plan = plan.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        readable = (F.col("file_size") > 0) & (F.col("file_size") <= inp.max_file_bytes)
+    with ExitStack() as cached:
+        plan = persisted(cached, plan_files(listing, in_scope, root, pre.preprocess_id, inp.max_file_bytes,
+                                            inp.track_deletions))
         with report.step("plan"):
-            # The path set only of the files to read: unchanged ones are most of a nightly listing.
-            rows = plan.groupBy("status", readable.alias("readable")).agg(
-                F.count(F.lit(1)).alias("count"), path_set(F.col("status").isin(*TO_DO) & readable).alias("paths")
-            ).collect()
-        counts: dict[str, int] = {}
-        for row in rows:
-            counts[row["status"]] = counts.get(row["status"], 0) + int(row["count"])
-        for status in (*TO_DO, "unchanged", "removed"):
-            m[f"files_{status}"] = counts.get(status, 0)
-        m["files_listed"] = sum(v for k, v in counts.items() if k != "removed")
-        todo = plan.where(F.col("status").isin(*TO_DO))
-        to_read = todo.where(readable)
-        planned = [r for r in rows if r["readable"] and r["status"] in TO_DO]
-        n_to_read, paths_to_read = sum(int(r["count"]) for r in planned), xor_all(r["paths"] for r in planned)
-        n_readable = sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed")
+            planned = summarize_plan(plan, inp.max_file_bytes)
+        report.metrics.update(planned.metrics())
         with report.step("sales_check"):
-            sales, sales_fp, images_state = sales_checked.result()
-        ingested_at = utcnow()
-        not_read = todo.where(~readable).withColumn("_error", F.when(
-            F.col("file_size") == 0, F.lit(EMPTY)).otherwise(too_large_error(inp.max_file_bytes)))
-        processed = error_rows(not_read, F.col("_error"), pre.preprocess_id, report.run_id, ingested_at)
-        decoded = None
-        contents = None if not n_to_read else read_planned(
-            spark, root, None if n_to_read == n_readable else [row["path"] for row in to_read.select("path").collect()],
-            inp.max_file_bytes, inp.extensions)
-        if contents is not None:
-            decoded = decode_files(with_image_id(select_extensions(contents, inp.extensions), inp.image_id_pattern),
-                                   pre, report.run_id, ingested_at).persist(StorageLevel.MEMORY_AND_DISK)
-            processed = decoded.unionByName(processed)
-        try:
-            with report.step("read_and_decode"), Progress(spark, "decode", n_to_read, "files"):
-                # One job decodes every file and counts the outcome. Nothing else reads `decoded` before it is
-                # cached: two jobs computing it at once would each decode every file.
-                n_todo = sum(counts.get(status, 0) for status in TO_DO)
-                summary: dict[str, Any] = (_summarize(processed) if n_todo
-                                           else {"rows": 0, "read": 0, "bytes": 0, "errors": {}})
-                if n_to_read and (summary["read"], summary["paths"]) != (n_to_read, paths_to_read):
-                    # A listed file that could not be read now (deleted or grown past the limit meanwhile). Only
-                    # looked for when the files read are not those planned: that costs a join job (0.4 s of 7 for
-                    # 2,000 photos on 2 cores) in a run that found every file.
-                    missing = to_read if decoded is None else to_read.join(decoded.select("path"), "path", "left_anti")
-                    vanished = error_rows(missing, F.lit(UNREADABLE), pre.preprocess_id, report.run_id, ingested_at)
-                    lost = _summarize(vanished)  # unreadable rows only: nothing read, no bytes
-                    if lost["rows"]:
-                        processed = processed.unionByName(vanished)
-                        summary["rows"] += lost["rows"]
-                        summary["errors"] = dict(sorted((Counter(summary["errors"]) + Counter(lost["errors"])).items()))
-            if decoded is not None:
-                on_decoded()
-            m["files_read"] = summary["read"]
-            m["files_decoded"] = summary["read"]
-            m["bytes_read"] = summary["bytes"]
-            m["errors"] = summary["errors"]
-            removed = plan.where(F.col("status") == "removed").select("path")
-            if summary["rows"] or m["files_removed"] or files is None:
-                written = clustered(processed.select(*FILE_COLUMNS), "path", summary["rows"], ROWS_PER_WRITTEN_FILE)
-                with report.step("write_files_table"):
-                    _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
-                        spark, out.files_table_path, written, removed, "path",
-                        target_filter=f"startswith(t.path, {sql_string(scope)})"))
-        finally:
-            if decoded is not None:
-                decoded.unpersist()
-    finally:
-        plan.unpersist()
+            sales = sales_checked.result()
+        batch = _files_to_process(spark, config, plan, planned, root, report.run_id, cached)
+        with report.step("read_and_decode"), Progress(spark, "decode", planned.to_read, "files"):
+            processed, summary = _decoded(batch, plan, planned, config, report.run_id)
+        if batch.decoded is not None:
+            on_decoded()
+        report.metrics.update(summary.metrics())
+        if summary.rows or planned.removed or files is None:
+            with report.step("write_files_table"):
+                report.metrics["files_table_attempts"] = _write_files(spark, out.files_table_path, processed, plan,
+                                                                      summary.rows, scope)
     with report.step("write_images_table"):
-        sync_images(spark, config, sales, sales_fp, images_state, report)
-    m["stage_seconds"] = round(time.monotonic() - started, 3)
+        sync_images(spark, config, sales, report)
+    report.metrics["stage_seconds"] = round(time.monotonic() - started, 3)
 
 
-def _summarize(processed: DataFrame) -> dict[str, Any]:
+def _in_background(work: Callable[[], Any]) -> Future[Any]:
+    """``work()`` started in a thread of its own; its result (or exception) comes from the future."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sales-check")
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)
+
+
+
+
+@dataclass(frozen=True)
+class SalesCheck:
+    """The sales table as read and checked, its files' fingerprint, and the images table's recorded state."""
+
+    sales: DataFrame
+    fingerprint: str
+    images_state: tuple[int, dict[str, Any]] | None
+
+
+def check_sales(spark: SparkSession, config: AppConfig) -> SalesCheck:
+    """Read the sales table; check its keys unless its files are those the images table last passed."""
+    inp = config.input
+    sales = read_sales(spark, inp.sales, inp.sales_key)
+    fingerprint = sales_fingerprint(spark, inp.sales)
+    state = commit_state(spark, config.output.images_table, lambda s: "files_table_version" in s)
+    if state is None or state[1].get("sales") != fingerprint:
+        _check_sales_keys(sales, inp.sales_key)
+    return SalesCheck(sales, fingerprint, state)
+
+
+def _listed(spark: SparkSession, config: AppConfig, root: str) -> tuple[DataFrame, DataFrame | None]:
+    """The listing of ``root`` (with image ids) and the files table (None before the first run), both checked."""
+    inp, out = config.input, config.output
+    listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
+    files = read_table(spark, out.files_table_path)
+    if files is not None:
+        require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
+        ensure_features(spark, out.files_table_path)
+        files = read_table(spark, out.files_table_path)
+    images = read_table(spark, out.images_table)
+    if images is not None:
+        require_columns(images, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
+                        "output.images_table")
+    return listing, files
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What the listing planned: files by status, and the files this run reads (count and path set)."""
+
+    counts: Mapping[str, int]
+    to_read: int
+    paths_to_read: int
+    readable: int  # listed files within input.max_file_bytes
+
+    @property
+    def to_do(self) -> int:
+        """Files this run decodes or records as errors."""
+        return sum(self.counts.get(status, 0) for status in TO_DO)
+
+    @property
+    def removed(self) -> int:
+        return self.counts.get("removed", 0)
+
+    def metrics(self) -> dict[str, int]:
+        """The report's ``files_*`` counts."""
+        by_status = {f"files_{status}": self.counts.get(status, 0) for status in (*TO_DO, "unchanged", "removed")}
+        return {**by_status, "files_listed": sum(v for k, v in self.counts.items() if k != "removed")}
+
+
+def _readable(max_file_bytes: int) -> Column:
+    from pyspark.sql import functions as F
+
+    return (F.col("file_size") > 0) & (F.col("file_size") <= max_file_bytes)
+
+
+def summarize_plan(plan: DataFrame, max_file_bytes: int) -> FilePlan:
+    """Count the plan by status, and identify the files to read, in one Spark job (path sets, not paths)."""
+    from pyspark.sql import functions as F
+
+    readable = _readable(max_file_bytes)
+    rows = plan.groupBy("status", readable.alias("readable")).agg(
+        F.count(F.lit(1)).alias("count"), path_set(F.col("status").isin(*TO_DO) & readable).alias("paths")
+    ).collect()
+    counts: Counter[str] = Counter()
+    for row in rows:
+        counts[row["status"]] += int(row["count"])
+    planned = [r for r in rows if r["readable"] and r["status"] in TO_DO]
+    return FilePlan(dict(counts), sum(int(r["count"]) for r in planned), xor_all(r["paths"] for r in planned),
+                    sum(int(r["count"]) for r in rows if r["readable"] and r["status"] != "removed"))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The rows this run writes to the files table before decoding: ``processed`` (decoded files and files not
+    read), ``decoded`` (the decoded ones, cached) and the time stamped on every row."""
+
+    processed: DataFrame
+    decoded: DataFrame | None
+    ingested_at: Any
+
+
+def _files_to_process(spark: SparkSession, config: AppConfig, plan: DataFrame, planned: FilePlan, root: str,
+                      run_id: str, cached: ExitStack) -> _Batch:
+    """Files-table rows of the planned files: decoded from their content, or errors for files not read."""
+    from pyspark.sql import functions as F
+
+    inp, pre = config.input, config.preprocess
+    ingested_at = utcnow()
+    todo = plan.where(F.col("status").isin(*TO_DO))
+    not_read = todo.where(~_readable(inp.max_file_bytes)).withColumn("_error", F.when(
+        F.col("file_size") == 0, F.lit(EMPTY)).otherwise(too_large_error(inp.max_file_bytes)))
+    processed = error_rows(not_read, F.col("_error"), pre.preprocess_id, run_id, ingested_at)
+    if not planned.to_read:
+        return _Batch(processed, None, ingested_at)
+    # Every readable file planned: one folder scan; otherwise the files by explicit path.
+    paths = None if planned.to_read == planned.readable else [
+        row["path"] for row in todo.where(_readable(inp.max_file_bytes)).select("path").collect()]
+    contents = read_planned(spark, root, paths, inp.max_file_bytes, inp.extensions)
+    if contents is None:
+        return _Batch(processed, None, ingested_at)
+    decoded = persisted(cached, decode_files(with_image_id(select_extensions(contents, inp.extensions),
+                                                           inp.image_id_pattern), pre, run_id, ingested_at))
+    return _Batch(decoded.unionByName(processed), decoded, ingested_at)
+
+
+@dataclass(frozen=True)
+class DecodeSummary:
+    """Files-table rows written, files read and their bytes, errors by reason, and the set of paths read."""
+
+    rows: int = 0
+    read: int = 0
+    bytes: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)
+    paths: int = 0
+
+    def plus(self, other: DecodeSummary) -> DecodeSummary:
+        errors = Counter(self.errors) + Counter(other.errors)
+        return DecodeSummary(self.rows + other.rows, self.read + other.read, self.bytes + other.bytes,
+                             dict(sorted(errors.items())), self.paths ^ other.paths)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"files_read": self.read, "files_decoded": self.read, "bytes_read": self.bytes,
+                "errors": dict(self.errors)}
+
+
+def _decoded(batch: _Batch, plan: DataFrame, planned: FilePlan, config: AppConfig,
+             run_id: str) -> tuple[DataFrame, DecodeSummary]:
+    """Decode every planned file in one job (nothing else reads the rows before they are cached: two jobs would
+    each decode every file); a file planned but not read now (deleted or grown meanwhile) becomes ``unreadable``."""
+    from pyspark.sql import functions as F
+
+    summary = summarize_decoded(batch.processed) if planned.to_do else DecodeSummary()
+    if not planned.to_read or (summary.read, summary.paths) == (planned.to_read, planned.paths_to_read):
+        return batch.processed, summary  # every planned file read: no join looking for the missing
+    to_read = plan.where(F.col("status").isin(*TO_DO) & _readable(config.input.max_file_bytes))
+    missing = to_read if batch.decoded is None else to_read.join(batch.decoded.select("path"), "path", "left_anti")
+    vanished = error_rows(missing, F.lit(UNREADABLE), config.preprocess.preprocess_id, run_id, batch.ingested_at)
+    lost = summarize_decoded(vanished)  # unreadable rows only: nothing read, no bytes
+    if not lost.rows:
+        return batch.processed, summary
+    return batch.processed.unionByName(vanished), summary.plus(DecodeSummary(lost.rows, errors=lost.errors))
+
+
+def _write_files(spark: SparkSession, table: str, processed: DataFrame, plan: DataFrame, rows: int,
+                 scope: str) -> int:
+    """Merge this run's files-table rows and drop the removed files' rows, under ``scope`` only; the attempts."""
+    from pyspark.sql import functions as F
+
+    written = clustered(processed.select(*FILE_COLUMNS), "path", rows, ROWS_PER_WRITTEN_FILE)
+    removed = plan.where(F.col("status") == "removed").select("path")
+    _, attempts = with_commit_retries(table, lambda: merge_changes(
+        spark, table, written, removed, "path", target_filter=f"startswith(t.path, {sql_string(scope)})"))
+    return attempts
+
+
+def summarize_decoded(processed: DataFrame) -> DecodeSummary:
     """Rows, files read, bytes read and errors by reason of files-table rows, in one Spark job."""
     from pyspark.sql import functions as F
 
@@ -626,14 +728,14 @@ def _summarize(processed: DataFrame) -> dict[str, Any]:
     rows = processed.groupBy(reason_column(F.col("error")).alias("reason")).agg(
         F.count(F.lit(1)).alias("rows"), F.count("sha256").alias("read"),
         F.sum(F.when(read, F.col("file_size"))).alias("bytes"), path_set(read).alias("paths")).collect()
-    return {
-        "rows": sum(int(r["rows"]) for r in rows),
-        "read": sum(int(r["read"]) for r in rows),
-        "paths": xor_all(r["paths"] for r in rows),
-        "bytes": sum(int(r["bytes"] or 0) for r in rows),
-        "errors": {r["reason"]: int(r["rows"]) for r in sorted(rows, key=lambda r: r["reason"] or "")
-                   if r["reason"] is not None},
-    }
+    return DecodeSummary(
+        rows=sum(int(r["rows"]) for r in rows),
+        read=sum(int(r["read"]) for r in rows),
+        bytes=sum(int(r["bytes"] or 0) for r in rows),
+        errors={r["reason"]: int(r["rows"]) for r in sorted(rows, key=lambda r: r["reason"] or "")
+                if r["reason"] is not None},
+        paths=xor_all(r["paths"] for r in rows),
+    )
 
 
 def path_set(where: Column | None = None) -> Column:
@@ -720,8 +822,7 @@ def error_changes(changes: DataFrame) -> Counter[str]:
 TOTALS = ("images", "duplicate_files", "joined", "images_without_sales", "sales_without_images")
 
 
-def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_fp: str,
-                state: tuple[int, dict[str, Any]] | None, report: RunReport) -> None:
+def sync_images(spark: SparkSession, config: AppConfig, checked: SalesCheck, report: RunReport) -> None:
     """Bring the images table up to date with the files table and the sales, reading only what changed.
 
     The images table records, with each commit, the files-table version it reflects, the sales files'
@@ -730,10 +831,8 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
     joined with their sales rows and merged. A new table, a table of an older release, changed sales files or
     a change feed that is no longer readable (vacuumed) take the full path once: every image compared.
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     inp, out, m = config.input, config.output, report.metrics
+    sales, state = checked.sales, checked.images_state
     files_version = table_version(spark, out.files_table_path)
     assert files_version is not None
     files = (spark.read.format("delta").option("versionAsOf", files_version).load(out.files_table_path)
@@ -742,9 +841,10 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
     existing = read_table(spark, out.images_table)
     resolved = resolve_duplicates(files)
     shape = schema_id(join_sales(resolved, sales, inp.join))  # analysis only, no job
-    reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version, shape)
+    reason, changes = _incremental_source(spark, config, existing, state, checked.fingerprint, files_version, shape)
     m["images_sync"] = reason or "incremental"
-    recorded = {"files_table_version": files_version, "sales": sales_fp, "join": inp.join, "schema": shape}
+    recorded = {"files_table_version": files_version, "sales": checked.fingerprint, "join": inp.join,
+                "schema": shape}
     if reason is not None:
         errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
         m.update(totals, errors_total=errors)
@@ -752,40 +852,42 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
                       {**recorded, "totals": totals, "errors_total": errors}, changed_keys=None)
         return
     assert state is not None
-    totals, errors = dict(state[1].get("totals", {})), Counter(state[1].get("errors_total", {}))
     if changes is None:  # the files table did not change since the images table was last brought up to date
-        m.update(totals, errors_total=dict(sorted(errors.items())), images_upserted=0, images_deleted=0,
-                 images_table_write="unchanged", images_table_version=table_version(spark, out.images_table))
+        m.update(state[1].get("totals", {}), errors_total=dict(sorted(state[1].get("errors_total", {}).items())),
+                 images_upserted=0, images_deleted=0, images_table_write="unchanged",
+                 images_table_version=table_version(spark, out.images_table))
         return
-    persisted = changes.where(F.col("image_id").isNotNull()).select("image_id").distinct().persist(
-        StorageLevel.MEMORY_AND_DISK)
-    keys = F.broadcast(persisted)
-    try:
-        # The changed image_ids as ranges too: Delta (and Parquet, for the sales) skip files that cannot hold them.
-        ids = literal_keys(persisted, "image_id")
-        scope = None if ids is None else key_ranges(ids)
+    with ExitStack() as cached:
+        cached.callback(changes.unpersist)
+        _sync_changed(spark, config, files, existing, changes, cached, state[1], recorded, checked.sales, report)
 
-        def near(df: DataFrame) -> DataFrame:
-            return df if scope is None else df.where(in_ranges("image_id", scope))
 
-        after = near(files).join(keys, "image_id", "left_semi")
-        before = after.join(changes.select("path"), "path", "left_anti").unionByName(
-            first_states(changes).join(keys, "image_id", "left_semi"))
-        sales_k = near(sales).join(keys, "image_id", "left_semi")
-        resolved = resolve_duplicates(after)
-        now, then, delta = concurrently(lambda: match_counts(resolved, sales_k),
-                                        lambda: match_counts(resolve_duplicates(before), sales_k),
-                                        lambda: error_changes(changes))
-        totals = {k: int(totals.get(k, 0)) + now[k] - then[k] for k in TOTALS}
-        errors.update(delta)
-        errors_total = {k: v for k, v in sorted(errors.items()) if v}
-        m.update(totals, errors_total=errors_total)
-        _write_images(spark, join_sales(resolved, sales_k, inp.join), existing, out.images_table, report,
-                      {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys,
-                      key_scope=scope)
-    finally:
-        persisted.unpersist()
-        changes.unpersist()
+def _sync_changed(spark: SparkSession, config: AppConfig, files: DataFrame, existing: DataFrame | None,
+                  changes: DataFrame, cached: ExitStack, state: dict[str, Any], recorded: dict[str, Any],
+                  sales: DataFrame, report: RunReport) -> None:
+    """The incremental path: resolve, join and merge only the image_ids the files table's changes name, and
+    carry the running totals forward by the difference those rows make."""
+    from pyspark.sql import functions as F
+
+    persisted_keys = persisted(cached, changes.where(F.col("image_id").isNotNull()).select("image_id").distinct())
+    keys = F.broadcast(persisted_keys)
+    scope = key_scope(persisted_keys, "image_id")  # the images table's MERGE skips files outside it too
+    after = scope.restrict(files)
+    before = after.join(changes.select("path"), "path", "left_anti").unionByName(
+        first_states(changes).join(keys, "image_id", "left_semi"))
+    sales_k = scope.restrict(sales)
+    resolved = resolve_duplicates(after)
+    now, then, delta = concurrently(lambda: match_counts(resolved, sales_k),
+                                    lambda: match_counts(resolve_duplicates(before), sales_k),
+                                    lambda: error_changes(changes))
+    totals = {k: int(state.get("totals", {}).get(k, 0)) + now[k] - then[k] for k in TOTALS}
+    errors = Counter(state.get("errors_total", {}))
+    errors.update(delta)
+    errors_total = {k: v for k, v in sorted(errors.items()) if v}
+    report.metrics.update(totals, errors_total=errors_total)
+    _write_images(spark, join_sales(resolved, sales_k, config.input.join), existing, config.output.images_table,
+                  report, {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys,
+                  key_scope=scope.ranges)
 
 
 def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFrame | None,
@@ -812,16 +914,9 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
         return "full: input.join changed", None
     if not set(schema_columns(shape)) <= set(existing.columns):
         return "full: columns to add", None
-    since = int(recorded["files_table_version"])
-    if since > files_version:
-        return "full: recorded files-table version is ahead of the table", None
-    if since == files_version:
-        return None, None
-    changes = read_changes(spark, config.output.files_table_path, since, files_version,
-                           (*NARROW_FILE_COLUMNS, "_change_type", "_commit_version"))
-    if changes is None:
-        return "full: change data feed unavailable", None
-    return None, changes
+    feed = changes_since(spark, config.output.files_table_path, int(recorded["files_table_version"]), files_version,
+                         (*NARROW_FILE_COLUMNS, "_change_type", "_commit_version"), "files-table")
+    return feed.reason, feed.changes
 
 
 def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: str,

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 RETENTION_PROPERTY = "delta.deletedFileRetentionDuration"
 DEFAULT_RETENTION_HOURS = 168.0  # Delta's default of delta.deletedFileRetentionDuration: interval 1 week
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
-# VACUUM lists a table's directories in this many tasks (Spark's default: 10,000, about 100 s of scheduling on two
-# cores for a tiny table). The package's tables are not partitioned: a few directories, a few tasks are enough.
+# VACUUM lists a table's directories in this many tasks (Spark's default, 10,000, schedules that many tasks even for
+# a tiny table). The package's tables are not partitioned: a few directories, a few tasks are enough.
 LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 # OPTIMIZE packs small files into files of at most this size (Delta's default: 1 GB). The files table has no
 # deletion vectors, so a later MERGE that changes one row of a compacted file rewrites all of it: bounded here.

@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from image_embeddings.core.config import AppConfig
 from image_embeddings.core.lease import leased
+from image_embeddings.core.tables import MAX_LITERAL_KEYS
 from image_embeddings.search.index import (
     Store,
     cached_index,
@@ -76,34 +78,19 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     Updates the index first. Returns what was done: ``full`` (every row), ``updated`` (the changed rows) or
     ``fresh`` (nothing to do).
     """
-    from pyspark.sql import functions as F
-
-    from image_embeddings.core.tables import (
-        MAX_LITERAL_KEYS,
-        clustered,
-        commit_state,
-        in_ranges,
-        key_ranges,
-        merge_changes,
-        overwrite_where,
-        ranges_sql,
-        read_changes,
-        sql_string,
-        with_commit_retries,
-    )
+    from image_embeddings.core.tables import commit_state, read_changes
 
     started = time.perf_counter()
     k = k or config.index.neighbours_k
     index = update_index(spark, config)
     key, version = index["model_key"], int(index["version"])
-    store = store_for(config, key)
     path = config.index.neighbours_for(config.output.embeddings_table)
-    nprobe = config.index.nprobe
     state = commit_state(spark, path, lambda s: s.get("model_key") == key)
     other_k = None if state is None or state[1].get("k") == k else state[1].get("k")
     if other_k is not None:  # every row holds lists of another length: all of them are rewritten
         state = None
-    metadata: dict[str, Any] = {"model_key": key, "k": k, "embeddings_version": version}
+    target = _Target(path, key, k, version, {"model_key": key, "k": k, "embeddings_version": version},
+                     store_for(config, key), config.index.nprobe)
     rows, _ = model_table(spark, config, version, check=False)
     result: dict[str, Any] = {"table": path, "model_key": key, "k": k, "version": version, "index": index}
     since = None if state is None else int(state[1]["embeddings_version"])
@@ -112,52 +99,105 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     changes = None if full or since is None or since > version else read_changes(
         spark, config.output.embeddings_table, since, version, ("image_id", "model_key", "_change_type", "embedding"))
     if changes is None:
-        found = clustered(neighbours_frame(rows, store, version, nprobe, k, key), "image_id", int(index["rows"]),
-                          ROWS_PER_FILE)
-        found = found.persist()
-        written, floor = found.agg(F.count(F.lit(1)), F.min(kth_score(k))).first()  # type: ignore[misc]
-        metadata["floor"] = -1.0 if floor is None else float(floor)
-        with_commit_retries(path, lambda: overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata))
-        found.unpersist()
         reason = ("asked for (--full)" if full else f"k changed from {other_k}" if other_k is not None
                   else "no earlier run" if since is None else "change feed unreadable")
-        log.info("neighbours of %d images of model %s written (k=%d, every row: %s)", written, key, k, reason)
+        written = _write_all(target, rows, int(index["rows"]), reason)
         return {**result, "action": "full", "reason": reason, "rows_written": written,
                 "elapsed_s": round(time.perf_counter() - started, 3)}
-    try:
-        mine = changes.where(F.col("model_key") == key)
-        touched = sorted({r[0] for r in mine.select("image_id").distinct().limit(MAX_LITERAL_KEYS + 1).collect()})
-        old = mine.where(F.col("_change_type").isin("delete", "update_preimage") & F.col("embedding").isNotNull())
-        old_vectors = [v for _, _, v in vector_batches(old.withColumn("sha256", F.lit(None).cast("string")))]
-    finally:
-        changes.unpersist()
+    assert state is not None and since is not None
+    touched, old_vectors = _touched(changes, key)
     if len(touched) > MAX_LITERAL_KEYS:
         return run_neighbours(spark, config, k, full=True)
+    written, removed = _write_changed(spark, target, rows, touched, old_vectors, float(state[1].get("floor", -1.0)))
+    log.info("neighbours of model %s updated from embeddings version %d to %d: %d changed image_ids, %d rows "
+             "rewritten, %d removed", key, since, version, len(touched), written, removed)
+    return {**result, "action": "updated", "from_version": since, "changed": len(touched),
+            "rows_written": written, "rows_removed": removed, "elapsed_s": round(time.perf_counter() - started, 3)}
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The neighbours table being brought up to date, for one model and ``k``, and the index it searches."""
+
+    path: str
+    key: str
+    k: int
+    version: int
+    metadata: dict[str, Any]
+    store: Any
+    nprobe: int
+
+
+def _write_all(target: _Target, rows: DataFrame, n_rows: int, reason: str) -> int:
+    """Rewrite every neighbours row of the model; the rows written."""
+    from pyspark.sql import functions as F
+
+    from image_embeddings.core.tables import clustered, overwrite_where, sql_string, with_commit_retries
+
+    t = target
+    found = clustered(neighbours_frame(rows, t.store, t.version, t.nprobe, t.k, t.key), "image_id", n_rows,
+                      ROWS_PER_FILE).persist()
+    try:
+        written, floor = found.agg(F.count(F.lit(1)), F.min(kth_score(t.k))).first()  # type: ignore[misc]
+        metadata = {**t.metadata, "floor": -1.0 if floor is None else float(floor)}
+        with_commit_retries(t.path, lambda: overwrite_where(found, t.path, f"model_key = {sql_string(t.key)}",
+                                                            metadata))
+    finally:
+        found.unpersist()
+    log.info("neighbours of %d images of model %s written (k=%d, every row: %s)", written, t.key, t.k, reason)
+    return int(written)
+
+
+def _touched(changes: DataFrame, key: str) -> tuple[list[str], list[Any]]:
+    """The model's image_ids the change feed names (up to one past the limit), and their old vectors."""
+    from pyspark.sql import functions as F
+
+    try:
+        mine = changes.where(F.col("model_key") == key)
+        touched = sorted({r[0] for r in mine.select("image_id").distinct()
+                          .limit(MAX_LITERAL_KEYS + 1).collect()})
+        old = mine.where(F.col("_change_type").isin("delete", "update_preimage") & F.col("embedding").isNotNull())
+        return touched, [v for _, _, v in vector_batches(old.withColumn("sha256", F.lit(None).cast("string")))]
+    finally:
+        changes.unpersist()
+
+
+def _write_changed(spark: SparkSession, target: _Target, rows: DataFrame, touched: list[str],
+                   old_vectors: list[Any], floor: float) -> tuple[int, int]:
+    """Rewrite the rows whose neighbours the changed vectors may enter or leave; (rows written, rows removed)."""
+    from pyspark.sql import functions as F
+
+    from image_embeddings.core.tables import (
+        in_ranges,
+        key_ranges,
+        merge_changes,
+        ranges_sql,
+        sql_string,
+        with_commit_retries,
+    )
+
+    t = target
     current = rows.where(in_ranges("image_id", key_ranges(touched)) & F.col("image_id").isin(touched))
-    new_vectors = [v for _, _, v in vector_batches(current)]
-    loaded = load_index(store, nprobe)
-    floor = float(state[1].get("floor", -1.0)) if state is not None else -1.0
+    loaded = load_index(t.store, t.nprobe)
     affected = set(touched)
-    for batch in old_vectors + new_vectors:
+    for batch in old_vectors + [v for _, _, v in vector_batches(current)]:
         affected |= loaded.within(batch, floor - 1e-6, REVERSE_LIMIT)  # range search keeps > only
     wanted = sorted(affected)
     ranges = key_ranges(wanted)
     upserts = neighbours_frame(rows.where(in_ranges("image_id", ranges) & F.col("image_id").isin(wanted)),
-                               store, version, nprobe, k, key).persist()
-    present = {r[0] for r in upserts.select("image_id").collect()}
-    lowest = upserts.agg(F.min(kth_score(k))).first()[0]  # type: ignore[index]
-    metadata["floor"] = min(floor, float(lowest)) if lowest is not None else floor
-    gone = [i for i in touched if i not in present]
-    deletes = spark.createDataFrame([(i, key) for i in gone], "image_id string, model_key string")
-    with_commit_retries(path, lambda: merge_changes(
-        spark, path, upserts, deletes, ["image_id", "model_key"],
-        target_filter=f"t.model_key = {sql_string(key)} AND {ranges_sql('t.image_id', ranges)}", metadata=metadata))
-    upserts.unpersist()
-    log.info("neighbours of model %s updated from embeddings version %d to %d: %d changed image_ids, %d rows "
-             "rewritten, %d removed", key, since, version, len(touched), len(present), len(gone))
-    return {**result, "action": "updated", "from_version": since, "changed": len(touched),
-            "rows_written": len(present), "rows_removed": len(gone),
-            "elapsed_s": round(time.perf_counter() - started, 3)}
+                               t.store, t.version, t.nprobe, t.k, t.key).persist()
+    try:
+        present = {r[0] for r in upserts.select("image_id").collect()}
+        lowest = upserts.agg(F.min(kth_score(t.k))).first()[0]  # type: ignore[index]
+        metadata = {**t.metadata, "floor": min(floor, float(lowest)) if lowest is not None else floor}
+        gone = [i for i in touched if i not in present]
+        deletes = spark.createDataFrame([(i, t.key) for i in gone], "image_id string, model_key string")
+        with_commit_retries(t.path, lambda: merge_changes(
+            spark, t.path, upserts, deletes, ["image_id", "model_key"], metadata=metadata,
+            target_filter=f"t.model_key = {sql_string(t.key)} AND {ranges_sql('t.image_id', ranges)}"))
+    finally:
+        upserts.unpersist()
+    return len(present), len(gone)
 
 
 def kth_score(k: int) -> Any:

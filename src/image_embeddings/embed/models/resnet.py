@@ -3,8 +3,8 @@
 Same layers, in the same order, with the same names and shapes, so torchvision's weights files (and any state
 dict of ``torchvision.models.resnet50``) load into it, and ``random:SEED`` weights are drawn exactly as torchvision
 draws them; the tests compare both parameters and outputs with torchvision's own model. It exists because
-``import torchvision`` costs about 1 s of CPU in every Python worker that embeds (torchvision.ops pulls in
-torch._dynamo, and torchvision.models every architecture it has), for this one architecture.
+``import torchvision`` is slow in every Python worker that embeds (torchvision.ops pulls in torch._dynamo, and
+torchvision.models every architecture it has), for this one architecture.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * Bottleneck.expansion, classes)
         # torchvision's initialization, in its order (random:SEED weights depend on it). Skipped for a model built on
-        # the meta device to receive a weights file: there, drawing would import torch._dynamo (1 s of CPU).
+        # the meta device to receive a weights file: there, drawing would import torch._dynamo for nothing.
         for module in () if self.conv1.weight.is_meta else self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
