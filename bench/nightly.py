@@ -4,8 +4,8 @@
     .venv/bin/python bench/nightly.py --sizes 200,400          # quick smoke run
 
 For each size N it builds, in a temporary folder, N distinct 480x360 JPEGs (quality 85) made from the real sample
-photos (``image_embeddings.testing.sample``: each of the 44 photos and variants, cropped at a per-index offset with a small
-brightness shift) in day folders ``images/YYYY-MM-DD/`` of 100 photos each, as the Airflow DAG's
+photos (``image_embeddings.testing.sample``: each of the 44 photos and variants, cropped at a per-index offset with a
+small brightness shift) in day folders ``images/YYYY-MM-DD/`` of 100 photos each, as the Airflow DAG's
 ``raw-images/{ds}/`` (the last day, "today", holds 100 photos, the older days the rest), a one-file sales Parquet
 table with one row per image (the 10 images added later included) and a ResNet50 weights file
 (``sample.trained_like_weights``). Then four ``image-embeddings run`` commands (``conf/local.yaml``, precision

@@ -314,8 +314,7 @@ def bundle_yaml() -> str:
     """databricks.yml as written to disk (key order kept, so the file reads top to bottom like the docs)."""
     import yaml
 
-    header = ("# Rendered by `python -m image_embeddings.ops.deploy databricks-bundle` (src/image_embeddings/ops/deploy.py);"
-              "\n"
+    header = ("# Rendered by `python -m image_embeddings.ops.deploy databricks-bundle`\n"
               "# a test keeps this file and the code equal. Deploy: databricks bundle deploy -t dev|prod \\\n"
               "#   --var instance_profile_arn=arn:aws:iam::ACCOUNT:instance-profile/NAME\n")
     return header + yaml.safe_dump(databricks_bundle(), sort_keys=False, width=120)
