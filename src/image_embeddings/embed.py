@@ -19,7 +19,7 @@ from image_embeddings.models import model_spec
 from image_embeddings.progress import Progress
 from image_embeddings.quality import run_drift
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.spark import concurrently, session_conf
+from image_embeddings.spark import concurrently, default_parallelism, session_conf
 from image_embeddings.tables import (
     clustered,
     commit_state,
@@ -157,8 +157,8 @@ def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
         for _ in batches:
             yield pd.DataFrame({"started": [int(warm_up_in_background(worker_settings(settings)))]})
 
-    slots = spark.sparkContext.defaultParallelism
     try:
+        slots = default_parallelism(spark)
         rows = spark.range(0, slots, 1, slots).mapInPandas(start, "started INT").collect()  # one row per slot
     except Exception as exc:  # an optimization only: stage 2 loads the model itself
         log.warning("could not start the model warm-up in the Python workers: %s", exc)
@@ -319,7 +319,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
             thumbnails = thumbnails.where(in_ranges("path", path_ranges(paths)))
         todo = wanted.join(thumbnails, ["path", "sha256"]).select("image_id", "sha256", "image")
         # Spread the images over every task slot (every core, or every GPU share) of the cluster.
-        todo = todo.repartition(mc.partitions or spark.sparkContext.defaultParallelism)
+        todo = todo.repartition(mc.partitions or default_parallelism(spark))
     # The embedding UDF's own batch size, for this stage only (stage 1 keeps its smaller batches of whole files).
     with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(mc.arrow_batch_rows)}):
         embedded_at = utcnow()
