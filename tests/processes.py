@@ -101,3 +101,54 @@ def standalone_cluster(folder: Path, worker_opts: list[str], memory: str = "3g"
                     os.kill(pid, signal.SIGKILL)
             process.wait(timeout=30)
         log.close()
+
+
+@contextlib.contextmanager
+def connect_server(folder: Path, packages: tuple[str, ...], ivy_dir: Path, python_path: str,
+                   conf: dict[str, str] | None = None, timeout: float = 240) -> Iterator[str]:
+    """A Spark Connect server (``local[2]``, Delta's SQL extension and catalog) on a free loopback port, started
+    from the installed pyspark's own jars with ``spark-submit``: yields its ``sc://`` URL and is killed afterwards,
+    with every process it started. Its Python workers run this interpreter with ``python_path`` on their path.
+
+    A server that does not start fails with its log's last lines.
+    """
+    import pyspark
+
+    from image_embeddings.testing.s3server import free_port
+
+    home = Path(pyspark.__file__).parent
+    port = free_port()
+    settings = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
+        "spark.jars.ivy": str(ivy_dir), "spark.local.dir": str(folder / "local"),
+        "spark.ui.enabled": "false", "spark.driver.memory": "2g", **(conf or {})}
+    command = [str(home / "bin" / "spark-submit"), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+               "--master", "local[2]", "--packages", ",".join(packages),
+               *[arg for key, value in settings.items() for arg in ("--conf", f"{key}={value}")], "spark-internal"]
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "PYTHONPATH": python_path}
+    env.pop("SPARK_REMOTE", None)
+    env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    logfile = folder / "connect-server.log"
+    log = open(logfile, "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              cwd=folder)
+    try:
+        deadline = time.monotonic() + timeout
+        while "Spark Connect server started at" not in logfile.read_text(errors="replace"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-25:])
+                ended = server.poll() is not None
+                state = f"exited with {server.returncode}" if ended else f"not up in {timeout:.0f} s"
+                raise AssertionError(f"the Spark Connect server {state} ({' '.join(command[:3])} ...); "
+                                     f"last lines of {logfile}:\n{tail}")
+            time.sleep(0.5)
+        yield f"sc://127.0.0.1:{port}"
+    finally:
+        for pid in reversed([server.pid, *children(server.pid)]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        log.close()

@@ -81,6 +81,9 @@ def _chain(exc: BaseException) -> list[str]:
         java = getattr(current, "java_exception", None)
         if java is not None:
             messages += _java_chain(java)
+        elif server := _server_chain(current):
+            messages += server
+            break  # what it was raised from is the gRPC call that carried it
         else:
             messages.append(_entry(type(current).__name__, str(current)))
         current = current.__cause__ or current.__context__
@@ -98,6 +101,30 @@ def _java_chain(throwable: Any) -> list[str]:
             throwable = cause
     except Exception:  # the JVM is gone: what was read so far
         pass
+    return messages
+
+
+_CAUSED_BY = re.compile(r"^Caused by: ([\w.$]+): ?(.*)$")
+
+
+def _server_chain(exc: BaseException) -> list[str]:
+    """A Spark Connect error's chain, read from the server's stack trace it carries (no JVM object to ask): the
+    error, then each ``Caused by:`` of the trace. [] for other exceptions and traces the server did not send."""
+    trace = getattr(exc, "getStackTrace", None)
+    try:
+        text = trace() if callable(trace) else None
+    except Exception:
+        text = None
+    if not isinstance(text, str) or not text.strip():
+        return []
+    lines = text.splitlines()
+    name = lines[0].strip().rsplit(".", 1)[-1]
+    message = str(exc).split("\n\nJVM stacktrace:", 1)[0]
+    messages = [_entry(name or type(exc).__name__, message)]
+    for line in lines[1:]:
+        match = _CAUSED_BY.match(line)
+        if match:
+            messages.append(_entry(match.group(1).rsplit(".", 1)[-1], match.group(2)))
     return messages
 
 

@@ -142,7 +142,8 @@ def _console_to(path: str | None) -> Iterator[None]:
 
 
 def get_spark(config: AppConfig, stage: str | None = None, jvm_log: str | None = None) -> SparkSession:
-    """Return the active SparkSession (notebook, Databricks, spark-submit) or create one from config.
+    """Return the active SparkSession (notebook, Databricks, spark-submit), a Spark Connect session to
+    ``SPARK_REMOTE`` when that is set (as Databricks sets it), or create a local one from config.
 
     With ``jvm_log``, a JVM this call launches writes its console output to that file instead of the terminal
     (the command line's quiet default). Sessions that already exist keep their own logging.
@@ -150,35 +151,112 @@ def get_spark(config: AppConfig, stage: str | None = None, jvm_log: str | None =
     from pyspark.sql import SparkSession
 
     spark = SparkSession.getActiveSession()
-    if spark is None:
-        launching = "PYSPARK_GATEWAY_PORT" not in os.environ  # spark-submit and notebooks started the JVM already
-        quiet = jvm_log if launching else None
-        builder = SparkSession.builder.appName(config.spark.app_name)
-        if config.spark.master:
-            builder = builder.master(config.spark.master)
-        if (config.spark.master or "").startswith("local"):
-            # Local Python workers run this interpreter, which has the package and its dependencies.
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        settings = session_settings(config, stage)
-        dump = None
-        if launching and config.spark.class_archive_dir and (config.spark.master or "").startswith("local"):
-            options, dump = class_archive_options(Path(config.spark.class_archive_dir).expanduser(), settings)
-            settings["spark.driver.extraJavaOptions"] = " ".join(
-                filter(None, [settings.get("spark.driver.extraJavaOptions", ""), options]))
-        for key, value in settings.items():
-            builder = builder.config(key, value)
-        if quiet:
-            builder = builder.config("spark.ui.showConsoleProgress", "false")
-        with _console_to(quiet):
-            spark = builder.getOrCreate()
-        if dump is not None:
-            note_archiving_jvm(spark, dump)
-        log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
+    if spark is not None:
+        log.info("reusing the active spark session (version %s%s)", spark.version,
+                 ", Spark Connect" if is_connect(spark) else "")
+    elif os.environ.get("SPARK_REMOTE"):
+        spark = _connect(config, stage, os.environ["SPARK_REMOTE"])
     else:
-        log.info("reusing the active spark session (version %s)", spark.version)
+        spark = _launch(config, stage, jvm_log)
     for key, value in runtime_settings(config).items():
         spark.conf.set(key, value)
-    drop_java_jars_from_python_path(spark)
+    if not is_connect(spark):
+        drop_java_jars_from_python_path(spark)
+    return spark
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """True for a Spark Connect session (Databricks shared and serverless compute, ``SPARK_REMOTE``): one without
+    ``sparkContext``, ``_jvm`` or RDDs. Needs no Connect packages to answer."""
+    return type(spark).__module__.startswith("pyspark.sql.connect.")
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """The task slots Spark spreads work over (``defaultParallelism``).
+
+    A Connect session has no SparkContext: ``spark.default.parallelism`` when the server sets it, else the number of
+    partitions the server gives a range without a count, which is its ``defaultParallelism`` (one small job).
+    """
+    if not is_connect(spark):
+        return int(spark.sparkContext.defaultParallelism)
+    configured = spark.conf.get("spark.default.parallelism", None)
+    if configured:
+        return max(1, int(configured))
+    from pyspark.sql import functions as F
+
+    last = spark.range(0, 1 << 16).select(F.spark_partition_id().alias("part")).agg(F.max("part")).first()
+    return 1 + int(last[0]) if last is not None and last[0] is not None else 1
+
+
+def analyzed(df: DataFrame) -> DataFrame:
+    """``df``, analyzed now: a Spark Connect session analyzes a plan only when its schema or rows are asked for,
+    so a missing path or table would otherwise surface at a later step instead of where it is read (a classic
+    session analyzes at once, and this costs it nothing)."""
+    _ = df.schema
+    return df
+
+
+def remote_address(url: str) -> str:
+    """``sc://host:port`` of a Spark Connect URL, without its parameters (a token may be among them)."""
+    return url.split("/;", 1)[0].split(";", 1)[0]
+
+
+def _connect(config: AppConfig, stage: str | None, url: str) -> SparkSession:
+    """A Spark Connect session to ``url``, given the settings of :func:`session_settings` a client may set.
+
+    The server's static settings (jars, packages, extensions, the driver's JVM) are its own: each one that
+    differs here is left as it is, and named in the log.
+    """
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.remote(url).getOrCreate()
+    log.info("spark connect session: %s (server version %s)", remote_address(url), spark.version)
+    skipped = [key for key, value in session_settings(config, stage).items() if not _try_set(spark, key, value)]
+    if config.spark.master:
+        skipped.append("spark.master")
+    if skipped:
+        log.info("settings a Spark Connect client cannot set, left as the server has them: %s",
+                 ", ".join(sorted(skipped)))
+    return spark
+
+
+def _try_set(spark: SparkSession, key: str, value: str) -> bool:
+    """Set ``key`` on the session unless it has that value already; False when the session refuses it."""
+    try:
+        if spark.conf.get(key, None) != value:
+            spark.conf.set(key, value)
+    except Exception:  # CANNOT_MODIFY_CONFIG: a static or core setting of the server
+        return False
+    return True
+
+
+def _launch(config: AppConfig, stage: str | None, jvm_log: str | None) -> SparkSession:
+    """A classic session created from config (launching a JVM unless spark-submit started one)."""
+    from pyspark.sql import SparkSession
+
+    launching = "PYSPARK_GATEWAY_PORT" not in os.environ  # spark-submit and notebooks started the JVM already
+    quiet = jvm_log if launching else None
+    builder = SparkSession.builder.appName(config.spark.app_name)
+    if config.spark.master:
+        builder = builder.master(config.spark.master)
+    if (config.spark.master or "").startswith("local"):
+        # Local Python workers run this interpreter, which has the package and its dependencies.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    settings = session_settings(config, stage)
+    dump = None
+    if launching and config.spark.class_archive_dir and (config.spark.master or "").startswith("local"):
+        options, dump = class_archive_options(Path(config.spark.class_archive_dir).expanduser(), settings)
+        settings["spark.driver.extraJavaOptions"] = " ".join(
+            filter(None, [settings.get("spark.driver.extraJavaOptions", ""), options]))
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    if quiet:
+        builder = builder.config("spark.ui.showConsoleProgress", "false")
+    with _console_to(quiet):
+        spark = builder.getOrCreate()
+    if dump is not None:
+        note_archiving_jvm(spark, dump)
+    log.info("spark session created: master=%s version=%s", spark.sparkContext.master, spark.version)
     return spark
 
 

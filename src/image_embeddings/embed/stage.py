@@ -19,7 +19,7 @@ from image_embeddings.core.config import AppConfig
 from image_embeddings.core.lease import leased
 from image_embeddings.core.progress import Progress
 from image_embeddings.core.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.core.spark import concurrently, persisted, session_conf
+from image_embeddings.core.spark import concurrently, default_parallelism, persisted, session_conf
 from image_embeddings.core.tables import (
     changes_since,
     clustered,
@@ -146,8 +146,8 @@ def warm_up_workers(spark: SparkSession, settings: EmbedderSettings) -> int:
         for _ in batches:
             yield pd.DataFrame({"started": [int(warm_up_in_background(worker_settings(settings)))]})
 
-    slots = spark.sparkContext.defaultParallelism
     try:
+        slots = default_parallelism(spark)
         rows = spark.range(0, slots, 1, slots).mapInPandas(start, "started INT").collect()  # one row per slot
     except Exception as exc:  # an optimization only: stage 2 loads the model itself
         log.warning("could not start the model warm-up in the Python workers: %s", exc)
@@ -340,7 +340,7 @@ def _plan(spark: SparkSession, config: AppConfig, inputs: _Inputs, cached: ExitS
         thumbnails = thumbnails.where(in_ranges("path", path_ranges(paths)))
     todo = wanted.join(thumbnails, ["path", "sha256"]).select("image_id", "sha256", "image")
     # Spread the images over every task slot (every core, or every GPU share) of the cluster.
-    todo = todo.repartition(config.model.partitions or spark.sparkContext.defaultParallelism)
+    todo = todo.repartition(config.model.partitions or default_parallelism(spark))
     return EmbedPlan(images_version, existing, state, reason or "incremental", todo,
                      stale_rows(current, mine, key), considered, to_embed)
 

@@ -26,7 +26,14 @@ from image_embeddings.core.errors import EMPTY, NO_IMAGE_ID, UNREADABLE, reason_
 from image_embeddings.core.lease import leased
 from image_embeddings.core.progress import Progress
 from image_embeddings.core.report import RunReport, errors_by_reason, run_reported, utcnow
-from image_embeddings.core.spark import concurrently, local_frame, persisted, runtime_settings, session_conf
+from image_embeddings.core.spark import (
+    analyzed,
+    concurrently,
+    local_frame,
+    persisted,
+    runtime_settings,
+    session_conf,
+)
 from image_embeddings.core.tables import (
     add_columns,
     changes_since,
@@ -96,8 +103,8 @@ def list_files(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> D
 
 def _scan(spark: SparkSession, root: str, extensions: tuple[str, ...]) -> DataFrame:
     """Spark's binaryFile scan of the image files under ``root``; its file index is listed when it is created."""
-    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-            .option("pathGlobFilter", extensions_glob(extensions)).load(root))
+    return analyzed(spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                    .option("pathGlobFilter", extensions_glob(extensions)).load(root))
 
 
 def _uri_to_path(uri: str) -> str:
@@ -117,7 +124,7 @@ def read_contents(spark: SparkSession, locations: list[str], max_file_bytes: int
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("ignoreMissingFiles", "true")
     if extensions:
         reader = reader.option("pathGlobFilter", extensions_glob(extensions))
-    df = reader.load([_escape_glob(p) for p in locations])
+    df = analyzed(reader.load([_escape_glob(p) for p in locations]))
     return df.where(F.col("length") <= max_file_bytes).select(
         "path", F.col("length").alias("file_size"), F.col("modificationTime").alias("modification_time"),
         "content")
@@ -153,7 +160,7 @@ def read_sales(spark: SparkSession, location: str, key: str) -> DataFrame:
     from pyspark.sql import functions as F
 
     try:
-        sales = spark.read.parquet(location)
+        sales = analyzed(spark.read.parquet(location))
     except AnalysisException as exc:
         raise IngestError(f"input.sales: cannot read Parquet at {location}: {exc}") from exc
     if key not in sales.columns:

@@ -37,7 +37,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -376,6 +376,20 @@ def _matrix(vecs: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), -1)
 
 
+def shipped(spark: SparkSession, data: bytes) -> tuple[Callable[[], bytes], Callable[[], None]]:
+    """``data`` for the tasks of a UDF: (a function the tasks call to get it, one that frees it afterwards).
+
+    A classic session broadcasts it (one copy per executor); a Spark Connect session has no SparkContext to
+    broadcast with, so it travels inside the UDF's own pickled closure, part of the plan the client sends.
+    """
+    from image_embeddings.core.spark import is_connect
+
+    if is_connect(spark):
+        return (lambda: data), (lambda: None)
+    shared = spark.sparkContext.broadcast(data)
+    return (lambda: shared.value), shared.unpersist
+
+
 def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any]:
     """Add ``rows`` to copies of the ``trained`` empty index, one per Spark partition, and merge them on the driver.
 
@@ -387,12 +401,12 @@ def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any
     import pyarrow.parquet as pq
     from pyspark import StorageLevel
 
-    shared = spark.sparkContext.broadcast(trained)
+    trained_bytes, release = shipped(spark, trained)
 
     def add(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from pyspark import TaskContext
 
-        index = _deserialize(shared.value)
+        index = _deserialize(trained_bytes())
         parts = []
         for b in batches:
             if not len(b):
@@ -428,7 +442,7 @@ def fill(spark: SparkSession, rows: DataFrame, trained: bytes) -> tuple[Any, Any
         return merged, pa.concat_tables([empty, *tables]) if tables else empty
     finally:
         partials.unpersist()
-        shared.unpersist()
+        release()
 
 
 LOCAL_FILL_ROWS = 50_000  # up to this many change-feed rows (400 MB of 2048-d vectors) an update adds on the driver
