@@ -27,7 +27,8 @@ def test_a_broken_layer_is_caught(tmp_path: Path) -> None:
     shutil.copytree(REPO / "src" / "image_embeddings", copy / "image_embeddings",
                     ignore=shutil.ignore_patterns("__pycache__"))
     with (copy / "image_embeddings" / "core" / "config.py").open("a") as handle:
-        handle.write("\n\ndef _probe() -> None:\n    from image_embeddings.ingest.images import downscale  # noqa: F401\n")
+        handle.write("\n\ndef _probe() -> None:\n"
+                     "    from image_embeddings.ingest.images import downscale  # noqa: F401\n")
     lint = Path(sys.executable).with_name("lint-imports")
     done = subprocess.run([str(lint), "--config", str(REPO / ".importlinter"), "--no-cache"], cwd=copy,
                           capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(copy), "PATH": ""})

@@ -21,6 +21,7 @@ from image_embeddings.core.progress import Progress
 from image_embeddings.core.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.core.spark import concurrently, default_parallelism, persisted, session_conf
 from image_embeddings.core.tables import (
+    Table,
     changes_since,
     clustered,
     commit_state,
@@ -32,6 +33,7 @@ from image_embeddings.core.tables import (
     merge_changes,
     path_ranges,
     ranges_sql,
+    read,
     read_table,
     record_state,
     require_columns,
@@ -192,11 +194,11 @@ MAX_LISTED_PATHS = 1_000_000
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
               report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    return run_reported("embed", lambda report: _embed_stage(spark, config, report), spark, config.output.runs_table,
+    return run_reported("embed", lambda report: _embed_stage(spark, config, report), spark, config.output.runs,
                         run_id, report_file, run_date, rate=("embedded", "embed_seconds"))
 
 
-def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame | None,
+def _changed_images(spark: SparkSession, images_path: Table, existing: DataFrame | None,
                     state: tuple[int, dict[str, Any]] | None,
                     images_version: int) -> tuple[str | None, DataFrame | None]:
     """Why every image must be compared (None: it need not), and the image_ids changed since this model's state.
@@ -251,7 +253,7 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
                     report.metrics["drift"] = run_drift(result, plan.existing, inputs.key)
             write = _write_embeddings(spark, config, inputs.key, plan, result, summary.rows, report)
             report.metrics.update(write.metrics())
-    report.metrics["embeddings_table_version"] = table_version(spark, config.output.embeddings_table)
+    report.metrics["embeddings_table_version"] = table_version(spark, config.output.embeddings)
 
 
 # The report of a run that found the images table as this model's last commit left it.
@@ -277,11 +279,11 @@ def _inputs(spark: SparkSession, config: AppConfig) -> _Inputs:
     if config.preprocess.size != spec.input_size:
         raise EmbedError(f"preprocess.size: {mc.name} takes {spec.input_size}x{spec.input_size} images, "
                          f"but stage 1 wrote {config.preprocess.size}x{config.preprocess.size}")
-    images = read_table(spark, out.images_table)
+    images = read_table(spark, out.images)
     if images is None:
         raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
     require_columns(images, out.images_table, ("image_id", "sha256", "path", "error"), "output.images_table")
-    files = read_table(spark, out.files_table_path)
+    files = read_table(spark, out.files)
     if files is None:
         raise EmbedError(f"output.files_table: no Delta table at {out.files_table_path}; run `ingest` first")
     weights = resolve_config_weights(config)
@@ -313,19 +315,19 @@ def _plan(spark: SparkSession, config: AppConfig, inputs: _Inputs, cached: ExitS
     from pyspark.sql import functions as F
 
     out, key = config.output, inputs.key
-    images_version = table_version(spark, out.images_table)
+    images_version = table_version(spark, out.images)
     assert images_version is not None
-    images = spark.read.format("delta").option("versionAsOf", images_version).load(out.images_table)
-    existing = read_table(spark, out.embeddings_table)
+    images = read(spark, out.images, images_version)
+    existing = read_table(spark, out.embeddings)
     if existing is not None:
         require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
-        ensure_features(spark, out.embeddings_table)
-        existing = read_table(spark, out.embeddings_table)
-    state = commit_state(spark, out.embeddings_table,
+        ensure_features(spark, out.embeddings)
+        existing = read_table(spark, out.embeddings)
+    state = commit_state(spark, out.embeddings,
                          lambda s: s.get("model_key") == key and "images_table_version" in s)
     if existing is not None and state is not None and int(state[1]["images_table_version"]) == images_version:
         return EmbedPlan(images_version, existing, state, "incremental")
-    reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
+    reason, keys = _changed_images(spark, out.images, existing, state, images_version)
     current = images.select("image_id", "sha256", "path", "error")
     mine = None if existing is None else existing.where(F.col("model_key") == key)
     if keys is not None:
@@ -426,13 +428,13 @@ class WriteResult:
 def _write_embeddings(spark: SparkSession, config: AppConfig, key: str, plan: EmbedPlan, result: DataFrame,
                       rows: int, report: RunReport) -> WriteResult:
     """Merge the new embeddings and remove the stale ones; the commit records the images-table version."""
-    table, stale = config.output.embeddings_table, plan.stale
+    table, stale = config.output.embeddings, plan.stale
     n_stale = stale.count() if stale is not None else 0
     reached = {"model_key": key, "images_table_version": plan.images_version}
     if rows or n_stale or plan.existing is None:
         with report.step("write_embeddings_table"):
             written = clustered(result.select(*EMBEDDING_COLUMNS), "image_id", rows, ROWS_PER_EMBEDDINGS_FILE)
-            _, attempts = with_commit_retries(table, lambda: merge_changes(
+            _, attempts = with_commit_retries(str(table), lambda: merge_changes(
                 spark, table, written, stale, ["image_id", "model_key"], metadata=reached,
                 target_filter=_merge_scope(key, result, rows, stale, n_stale)))
         return WriteResult(n_stale, attempts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from image_embeddings.core.config import AppConfig
+from image_embeddings.core.tables import read
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -12,12 +13,12 @@ if TYPE_CHECKING:
 
 def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     """The embeddings joined with the images table's sales columns (the article's combined table)."""
-    return with_sales(spark, config, spark.read.format("delta").load(config.output.embeddings_table))
+    return with_sales(spark, config, read(spark, config.output.embeddings))
 
 
 def with_sales(spark: SparkSession, config: AppConfig, rows: DataFrame) -> DataFrame:
     """``rows`` (keyed by ``image_id``) joined with the images table's sales columns."""
-    images = spark.read.format("delta").load(config.output.images_table)
+    images = read(spark, config.output.images)
     own = {"path", "file_size", "modification_time", "sha256", "width", "height", "image", "error", "preprocess_id",
            "run_id", "ingested_at", "duplicate_files", "updated_run_id", "updated_at"}
     sales = [c for c in images.columns if c not in own]

@@ -35,6 +35,7 @@ from image_embeddings.core.spark import (
     session_conf,
 )
 from image_embeddings.core.tables import (
+    Table,
     add_columns,
     changes_since,
     clustered,
@@ -45,6 +46,7 @@ from image_embeddings.core.tables import (
     key_scope,
     merge_changes,
     ranges_sql,
+    read,
     read_table,
     record_state,
     require_columns,
@@ -497,7 +499,7 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
 
             _ingest(spark, config, report, start_warm_up)
 
-    return run_reported("ingest", work, spark, config.output.runs_table,
+    return run_reported("ingest", work, spark, config.output.runs,
                         run_id, report_file, run_date, rate=("files_decoded", None))
 
 
@@ -543,7 +545,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
         report.metrics.update(summary.metrics())
         if summary.rows or planned.removed or files is None:
             with report.step("write_files_table"):
-                report.metrics["files_table_attempts"] = _write_files(spark, out.files_table_path, processed, plan,
+                report.metrics["files_table_attempts"] = _write_files(spark, out.files, processed, plan,
                                                                       summary.rows, scope)
     with report.step("write_images_table"):
         sync_images(spark, config, sales, report)
@@ -575,7 +577,7 @@ def check_sales(spark: SparkSession, config: AppConfig) -> SalesCheck:
     inp = config.input
     sales = read_sales(spark, inp.sales, inp.sales_key)
     fingerprint = sales_fingerprint(spark, inp.sales)
-    state = commit_state(spark, config.output.images_table, lambda s: "files_table_version" in s)
+    state = commit_state(spark, config.output.images, lambda s: "files_table_version" in s)
     if state is None or state[1].get("sales") != fingerprint:
         _check_sales_keys(sales, inp.sales_key)
     return SalesCheck(sales, fingerprint, state)
@@ -585,12 +587,12 @@ def _listed(spark: SparkSession, config: AppConfig, root: str) -> tuple[DataFram
     """The listing of ``root`` (with image ids) and the files table (None before the first run), both checked."""
     inp, out = config.input, config.output
     listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
-    files = read_table(spark, out.files_table_path)
+    files = read_table(spark, out.files)
     if files is not None:
         require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
-        ensure_features(spark, out.files_table_path)
-        files = read_table(spark, out.files_table_path)
-    images = read_table(spark, out.images_table)
+        ensure_features(spark, out.files)
+        files = read_table(spark, out.files)
+    images = read_table(spark, out.images)
     if images is not None:
         require_columns(images, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
                         "output.images_table")
@@ -715,14 +717,14 @@ def _decoded(batch: _Batch, plan: DataFrame, planned: FilePlan, config: AppConfi
     return batch.processed.unionByName(vanished), summary.plus(DecodeSummary(lost.rows, errors=lost.errors))
 
 
-def _write_files(spark: SparkSession, table: str, processed: DataFrame, plan: DataFrame, rows: int,
+def _write_files(spark: SparkSession, table: Table, processed: DataFrame, plan: DataFrame, rows: int,
                  scope: str) -> int:
     """Merge this run's files-table rows and drop the removed files' rows, under ``scope`` only; the attempts."""
     from pyspark.sql import functions as F
 
     written = clustered(processed.select(*FILE_COLUMNS), "path", rows, ROWS_PER_WRITTEN_FILE)
     removed = plan.where(F.col("status") == "removed").select("path")
-    _, attempts = with_commit_retries(table, lambda: merge_changes(
+    _, attempts = with_commit_retries(str(table), lambda: merge_changes(
         spark, table, written, removed, "path", target_filter=f"startswith(t.path, {sql_string(scope)})"))
     return attempts
 
@@ -840,12 +842,12 @@ def sync_images(spark: SparkSession, config: AppConfig, checked: SalesCheck, rep
     """
     inp, out, m = config.input, config.output, report.metrics
     sales, state = checked.sales, checked.images_state
-    files_version = table_version(spark, out.files_table_path)
+    files_version = table_version(spark, out.files)
     assert files_version is not None
-    files = (spark.read.format("delta").option("versionAsOf", files_version).load(out.files_table_path)
+    files = (read(spark, out.files, files_version)
              .select(*NARROW_FILE_COLUMNS))
     m["files_table_version"] = files_version
-    existing = read_table(spark, out.images_table)
+    existing = read_table(spark, out.images)
     resolved = resolve_duplicates(files)
     shape = schema_id(join_sales(resolved, sales, inp.join))  # analysis only, no job
     reason, changes = _incremental_source(spark, config, existing, state, checked.fingerprint, files_version, shape)
@@ -855,14 +857,14 @@ def sync_images(spark: SparkSession, config: AppConfig, checked: SalesCheck, rep
     if reason is not None:
         errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
         m.update(totals, errors_total=errors)
-        _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images_table, report,
+        _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images, report,
                       {**recorded, "totals": totals, "errors_total": errors}, changed_keys=None)
         return
     assert state is not None
     if changes is None:  # the files table did not change since the images table was last brought up to date
         m.update(state[1].get("totals", {}), errors_total=dict(sorted(state[1].get("errors_total", {}).items())),
                  images_upserted=0, images_deleted=0, images_table_write="unchanged",
-                 images_table_version=table_version(spark, out.images_table))
+                 images_table_version=table_version(spark, out.images))
         return
     with ExitStack() as cached:
         cached.callback(changes.unpersist)
@@ -892,7 +894,7 @@ def _sync_changed(spark: SparkSession, config: AppConfig, files: DataFrame, exis
     errors.update(delta)
     errors_total = {k: v for k, v in sorted(errors.items()) if v}
     report.metrics.update(totals, errors_total=errors_total)
-    _write_images(spark, join_sales(resolved, sales_k, config.input.join), existing, config.output.images_table,
+    _write_images(spark, join_sales(resolved, sales_k, config.input.join), existing, config.output.images,
                   report, {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys,
                   key_scope=scope.ranges)
 
@@ -921,12 +923,12 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
         return "full: input.join changed", None
     if not set(schema_columns(shape)) <= set(existing.columns):
         return "full: columns to add", None
-    feed = changes_since(spark, config.output.files_table_path, int(recorded["files_table_version"]), files_version,
+    feed = changes_since(spark, config.output.files, int(recorded["files_table_version"]), files_version,
                          (*NARROW_FILE_COLUMNS, "_change_type", "_commit_version"), "files-table")
     return feed.reason, feed.changes
 
 
-def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: str,
+def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: Table,
                   report: RunReport, state: dict[str, Any], changed_keys: DataFrame | None,
                   key_scope: list[tuple[str, str]] | None = None) -> None:
     """Bring the images table to ``desired`` (for ``changed_keys`` only, when given), writing only rows that
@@ -959,7 +961,7 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     n_upserts, n_deletes = concurrently(upserts.count, deletes.count)
     m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
     if n_upserts or n_deletes:
-        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+        _, m["images_table_attempts"] = with_commit_retries(str(path), lambda: merge_changes(
             spark, path, upserts.select(*target.columns), deletes, "image_id", metadata=state,
             target_filter=None if key_scope is None else ranges_sql("t.image_id", key_scope)))
         m["images_table_write"] = "merged"
@@ -970,15 +972,15 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     m["images_table_version"] = table_version(spark, path)
 
 
-def _create_images(spark: SparkSession, path: str, target: DataFrame, new: bool, state: dict[str, Any],
+def _create_images(spark: SparkSession, path: Table, target: DataFrame, new: bool, state: dict[str, Any],
                    m: dict[str, Any]) -> None:
     """Write the whole images table: a new one (a first run that loses the race to create it merges into the
     winner's), or an older release's table with thumbnails, rewritten from every row without them."""
     if new:
-        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+        _, m["images_table_attempts"] = with_commit_retries(str(path), lambda: merge_changes(
             spark, path, target, None, "image_id", metadata=state))
     else:
-        with_commit_retries(path, lambda: create(spark, path, target, state, mode="overwrite"))
+        with_commit_retries(str(path), lambda: create(spark, path, target, state, mode="overwrite"))
     m["images_table_write"] = "created" if new else "overwritten (thumbnails moved to the files table)"
     m["images_upserted"] = m["joined"] if state["join"] == "inner" else m["images"]
     m["images_deleted"] = 0

@@ -26,7 +26,7 @@ import numpy as np
 
 from image_embeddings.core.config import AppConfig
 from image_embeddings.core.lease import leased
-from image_embeddings.core.tables import MAX_LITERAL_KEYS
+from image_embeddings.core.tables import MAX_LITERAL_KEYS, Table
 from image_embeddings.search.index import (
     Store,
     cached_index,
@@ -84,7 +84,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     k = k or config.index.neighbours_k
     index = update_index(spark, config)
     key, version = index["model_key"], int(index["version"])
-    path = config.index.neighbours_for(config.output.embeddings_table)
+    path = config.output.table(config.index.neighbours_for(config.output.embeddings_table))
     state = commit_state(spark, path, lambda s: s.get("model_key") == key)
     other_k = None if state is None or state[1].get("k") == k else state[1].get("k")
     if other_k is not None:  # every row holds lists of another length: all of them are rewritten
@@ -92,12 +92,12 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     target = _Target(path, key, k, version, {"model_key": key, "k": k, "embeddings_version": version},
                      store_for(config, key), config.index.nprobe)
     rows, _ = model_table(spark, config, version, check=False)
-    result: dict[str, Any] = {"table": path, "model_key": key, "k": k, "version": version, "index": index}
+    result: dict[str, Any] = {"table": str(path), "model_key": key, "k": k, "version": version, "index": index}
     since = None if state is None else int(state[1]["embeddings_version"])
     if since is not None and since == version:
         return {**result, "action": "fresh", "rows_written": 0}
     changes = None if full or since is None or since > version else read_changes(
-        spark, config.output.embeddings_table, since, version, ("image_id", "model_key", "_change_type", "embedding"))
+        spark, config.output.embeddings, since, version, ("image_id", "model_key", "_change_type", "embedding"))
     if changes is None:
         reason = ("asked for (--full)" if full else f"k changed from {other_k}" if other_k is not None
                   else "no earlier run" if since is None else "change feed unreadable")
@@ -119,7 +119,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
 class _Target:
     """The neighbours table being brought up to date, for one model and ``k``, and the index it searches."""
 
-    path: str
+    path: Table
     key: str
     k: int
     version: int
@@ -140,7 +140,7 @@ def _write_all(target: _Target, rows: DataFrame, n_rows: int, reason: str) -> in
     try:
         written, floor = found.agg(F.count(F.lit(1)), F.min(kth_score(t.k))).first()  # type: ignore[misc]
         metadata = {**t.metadata, "floor": -1.0 if floor is None else float(floor)}
-        with_commit_retries(t.path, lambda: overwrite_where(found, t.path, f"model_key = {sql_string(t.key)}",
+        with_commit_retries(str(t.path), lambda: overwrite_where(found, t.path, f"model_key = {sql_string(t.key)}",
                                                             metadata))
     finally:
         found.unpersist()
@@ -192,7 +192,7 @@ def _write_changed(spark: SparkSession, target: _Target, rows: DataFrame, touche
         metadata = {**t.metadata, "floor": min(floor, float(lowest)) if lowest is not None else floor}
         gone = [i for i in touched if i not in present]
         deletes = spark.createDataFrame([(i, t.key) for i in gone], "image_id string, model_key string")
-        with_commit_retries(t.path, lambda: merge_changes(
+        with_commit_retries(str(t.path), lambda: merge_changes(
             spark, t.path, upserts, deletes, ["image_id", "model_key"], metadata=metadata,
             target_filter=f"t.model_key = {sql_string(t.key)} AND {ranges_sql('t.image_id', ranges)}"))
     finally:
@@ -209,10 +209,11 @@ def kth_score(k: int) -> Any:
 
 def neighbours_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     """The neighbours table joined with the images table's sales columns, as for embeddings."""
+    from image_embeddings.core.tables import read
     from image_embeddings.ingest.sales import with_sales
 
-    path = config.index.neighbours_for(config.output.embeddings_table)
-    return with_sales(spark, config, spark.read.format("delta").load(path))
+    path = config.output.table(config.index.neighbours_for(config.output.embeddings_table))
+    return with_sales(spark, config, read(spark, path))
 
 
 @leased('neighbours')
@@ -226,7 +227,7 @@ def run_neighbours_reported(spark: SparkSession, config: AppConfig, k: int | Non
         with report.step("neighbours"):
             report.metrics.update(run_neighbours(spark, config, k=k, full=full))
 
-    return run_reported("neighbours", work, spark, config.output.runs_table, run_id, report_file, run_date,
+    return run_reported("neighbours", work, spark, config.output.runs, run_id, report_file, run_date,
                         rate=None)
 
 

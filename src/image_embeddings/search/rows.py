@@ -30,10 +30,9 @@ def model_rows(spark: SparkSession, config: AppConfig, weights: Weights | None =
 
     weights = weights or resolve_config_weights(config)
     key = config_key(config, weights)
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    table = reader.load(config.output.embeddings_table)
+    from image_embeddings.core.tables import read
+
+    table = read(spark, config.output.embeddings, version)
     rows = table.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
     if check and rows.limit(1).count() == 0:
         others = [r.asDict() for r in table.select("model_key", "model", "weights_checksum", "preprocess_id",

@@ -155,7 +155,7 @@ def fresh_index(spark: SparkSession, config: AppConfig, key: str) -> tuple[Any, 
     manifest = read_manifest(store)
     if manifest is None:
         return None, f"no index at {store.location} (`image-embeddings index` builds one)"
-    fresh, latest = is_fresh(spark, config.output.embeddings_table, manifest.version)
+    fresh, latest = is_fresh(spark, config.output.embeddings, manifest.version)
     if not fresh:
         return None, (f"the index covers table version {manifest.version}, the table is at {latest} "
                       "(`image-embeddings index` updates it)")
