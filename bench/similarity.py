@@ -50,13 +50,14 @@ def main() -> int:
     from image_embeddings.core.config import load_config
     from image_embeddings.core.spark import get_spark
     from image_embeddings.core.tables import create, merge_changes
-    from image_embeddings.search.index import load_index, store_for, update_index
+    from image_embeddings.search.index import load_index, update_index
     from image_embeddings.search.rows import config_key
     from image_embeddings.search.similar import search
+    from image_embeddings.search.store import store_for
     from image_embeddings.testing.sample import clustered_vector, synthetic_embeddings
 
     configure_logging("WARNING")
-    logging.getLogger("image_embeddings.search.index").setLevel(logging.INFO)
+    logging.getLogger("image_embeddings.search").setLevel(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="bench-similarity-"))
     config = load_config(REPO / "conf" / "local.yaml", [
         f"input.images={work}/in", f"input.sales={work}/sales", f"output.images_table={work}/images",

@@ -13,20 +13,13 @@ import pytest
 
 from image_embeddings.cli import main
 from image_embeddings.core.tables import merge_changes
-from image_embeddings.search.index import (
-    Store,
-    choose_type,
-    existed_before,
-    list_count,
-    load_index,
-    read_manifest,
-    store_for,
-    update_index,
-    vector_ids,
-)
+from image_embeddings.search.index import existed_before, load_index, update_index
+from image_embeddings.search.kinds import choose_type, list_count, vector_ids
+from image_embeddings.search.manifest import read_manifest
 from image_embeddings.search.neighbours import run_neighbours
 from image_embeddings.search.rows import config_key
 from image_embeddings.search.similar import search, top_k
+from image_embeddings.search.store import Store, store_for
 from image_embeddings.testing.sample import clustered_vector, synthetic_embeddings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,25 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from image_embeddings.search.index import (
-    MANIFEST,
-    IndexDamagedError,
-    ManifestChangedError,
-    ManifestRead,
-    Store,
-    UnsafeIndexNameError,
-    _deserialize,
-    _ids_table,
-    _serialize,
-    commit_base,
-    commit_update,
-    load_index,
-    new_index,
-    read_manifest,
-    read_state,
-    unit_rows,
-    vector_ids,
-)
+from image_embeddings.core.vectors import unit_rows
+from image_embeddings.search.index import commit_base, commit_update, load_index
+from image_embeddings.search.kinds import _deserialize, _ids_table, _serialize, new_index, vector_ids
+from image_embeddings.search.manifest import MANIFEST, ManifestRead, read_manifest, read_state
+from image_embeddings.search.store import IndexDamagedError, ManifestChangedError, Store, UnsafeIndexNameError
 
 DIM = 8
 

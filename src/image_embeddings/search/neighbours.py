@@ -27,16 +27,10 @@ import numpy as np
 from image_embeddings.core.config import AppConfig
 from image_embeddings.core.lease import leased
 from image_embeddings.core.tables import MAX_LITERAL_KEYS, Table
-from image_embeddings.search.index import (
-    Store,
-    cached_index,
-    load_index,
-    model_table,
-    store_for,
-    unit_rows,
-    update_index,
-    vector_batches,
-)
+from image_embeddings.core.vectors import unit_rows
+from image_embeddings.search.fill import model_table, vector_batches
+from image_embeddings.search.index import cached_index, load_index, update_index
+from image_embeddings.search.store import Store, store_for
 
 if TYPE_CHECKING:
     import pandas as pd

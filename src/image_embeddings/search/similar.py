@@ -149,7 +149,9 @@ def search(spark: SparkSession, config: AppConfig, k: int = 10, image_id: str | 
 
 def fresh_index(spark: SparkSession, config: AppConfig, key: str) -> tuple[Any, str]:
     """The loaded index of model ``key`` when it covers the table's current rows, else (None, why not)."""
-    from image_embeddings.search.index import is_fresh, load_index, read_manifest, store_for
+    from image_embeddings.search.index import is_fresh, load_index
+    from image_embeddings.search.manifest import read_manifest
+    from image_embeddings.search.store import store_for
 
     store = store_for(config, key)
     manifest = read_manifest(store)
