@@ -16,7 +16,7 @@ from image_embeddings.core.tables import merge_changes
 from image_embeddings.search.index import existed_before, load_index, update_index
 from image_embeddings.search.kinds import choose_type, list_count, vector_ids
 from image_embeddings.search.manifest import read_manifest
-from image_embeddings.search.neighbours import run_neighbours
+from image_embeddings.search.neighbours import update_neighbours
 from image_embeddings.search.rows import config_key
 from image_embeddings.search.similar import search, top_k
 from image_embeddings.search.store import Store, store_for
@@ -146,12 +146,12 @@ def test_neighbours_table_full_then_incremental(spark: Any, make_config: Any, tm
     config = _config(make_config, tmp_path, "index.type=flat")
     _write(spark, config, 0, 800)
     path = config.index.neighbours_for(config.output.embeddings_table)
-    first = run_neighbours(spark, config, k=5)
+    first = update_neighbours(spark, config, k=5)
     assert first["action"] == "full" and first["rows_written"] == 800
 
     _write(spark, config, 800, 8)
     _write(spark, config, 40, 2, seed=5, delete=range(60, 64))
-    second = run_neighbours(spark, config, k=5)
+    second = update_neighbours(spark, config, k=5)
     assert second["action"] == "updated" and second["changed"] == 14 and second["rows_removed"] == 4
     assert second["rows_written"] < 400, "only the changed rows and their neighbourhoods are rewritten"
 
@@ -165,8 +165,8 @@ def test_neighbours_table_full_then_incremental(spark: Any, make_config: Any, tm
     recall = np.mean([len(set(found) & set(_exact(vectors, vectors[i], 5, exclude=i))) / 5
                       for i, found in table.items()])
     assert recall >= 0.95, f"every list matches exact search after the update (recall {recall:.3f})"
-    assert run_neighbours(spark, config, k=5)["action"] == "fresh"
-    other = run_neighbours(spark, config, k=3)
+    assert update_neighbours(spark, config, k=5)["action"] == "fresh"
+    other = update_neighbours(spark, config, k=3)
     assert (other["action"], other["reason"], other["rows_written"]) == ("full", "k changed from 5", 804)
     assert {len(r[0]) for r in spark.read.format("delta").load(path).select("neighbours").collect()} == {3}
 

@@ -166,9 +166,9 @@ def _run_command(args: argparse.Namespace, config: AppConfig) -> int:
             print(index_line(report.metrics))
             return 0
         if args.command == "neighbours":
-            from image_embeddings.search.neighbours import neighbours_line, run_neighbours_reported
+            from image_embeddings.search.neighbours import neighbours_line, run_neighbours
 
-            report = run_neighbours_reported(spark, config, k=args.k, full=args.full, run_id=args.run_id,
+            report = run_neighbours(spark, config, k=args.k, full=args.full, run_id=args.run_id,
                                              report_file=args.report, run_date=args.run_date)
             print(neighbours_line(report.metrics))
             return 0

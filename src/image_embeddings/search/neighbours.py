@@ -65,7 +65,7 @@ def neighbours_frame(rows: DataFrame, store: Store, version: int, nprobe: int, k
                         F.current_timestamp().alias("updated_at"))
 
 
-def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None, full: bool = False
+def update_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None, full: bool = False
                    ) -> dict[str, Any]:
     """Bring the neighbours table of this config's model to the embeddings table's current version.
 
@@ -101,7 +101,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     assert state is not None and since is not None
     touched, old_vectors = _touched(changes, key)
     if len(touched) > MAX_LITERAL_KEYS:
-        return run_neighbours(spark, config, k, full=True)
+        return update_neighbours(spark, config, k, full=True)
     written, removed = _write_changed(spark, target, rows, touched, old_vectors, float(state[1].get("floor", -1.0)))
     log.info("neighbours of model %s updated from embeddings version %d to %d: %d changed image_ids, %d rows "
              "rewritten, %d removed", key, since, version, len(touched), written, removed)
@@ -211,15 +211,15 @@ def neighbours_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
 
 
 @leased('neighbours')
-def run_neighbours_reported(spark: SparkSession, config: AppConfig, k: int | None = None, full: bool = False,
+def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None, full: bool = False,
                             run_id: str | None = None, report_file: str | None = None,
                             run_date: str | None = None) -> Any:
-    """:func:`run_neighbours` with a run report (also appended to the runs table)."""
+    """:func:`update_neighbours` with a run report (also appended to the runs table)."""
     from image_embeddings.core.report import run_reported
 
     def work(report: Any) -> None:
         with report.step("neighbours"):
-            report.metrics.update(run_neighbours(spark, config, k=k, full=full))
+            report.metrics.update(update_neighbours(spark, config, k=k, full=full))
 
     return run_reported("neighbours", work, spark, config.output.runs, run_id, report_file, run_date,
                         rate=None)
