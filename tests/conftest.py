@@ -84,7 +84,7 @@ def spark(base_overrides: list[str], tmp_path_factory: pytest.TempPathFactory): 
         f"output.images_table={scratch}/t/images", f"output.embeddings_table={scratch}/t/embeddings",
         f"output.runs_table={scratch}/t/runs", f"spark.ivy_dir={REPO / '.cache' / 'ivy'}",
         "spark.conf.spark.sql.shuffle.partitions=2", "spark.master=local[2,4]",  # 4 tries per task, as on a cluster
-        f"spark.conf.spark.local.dir={scratch}/local",
+        f"spark.conf.spark.local.dir={scratch}/local", f"spark.conf.spark.sql.warehouse.dir={scratch}/warehouse",
         # This JVM runs for the whole suite: the optimizing JIT tier pays for itself here (conf/local.yaml turns it
         # off for single runs). Five runs of the soak test's pipeline took 31 s each with C1 only, 17 s with C2.
         "spark.conf.spark.driver.extraJavaOptions=-XX:+UseSerialGC"])

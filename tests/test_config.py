@@ -136,6 +136,70 @@ def test_files_table_path_strips_trailing_slash_and_explicit_value_wins() -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------
+# tables by path or by name
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    ("s3://bucket/delta/images", "path"), ("s3a://bucket/images.v2", "path"), ("file:/data/shop.images", "path"),
+    ("/Volumes/main/shop/data/images", "path"), ("t/images", "path"), ("./shop.images", "path"),
+    ("../shop.images", "path"), ("~/shop.images", "path"), ("images", "path"),
+    ("shop.images", "name"), ("main.shop.images", "name"), ("_raw.Images_2", "name"),
+])
+def test_a_table_is_a_path_or_a_name_by_one_rule(value: str, kind: str) -> None:
+    from image_embeddings.tables import table_kind
+
+    assert table_kind(value) == kind
+    # Normalized, a path stays a path: ./shop.images must not turn into the name shop.images.
+    config = _load(f"output.embeddings_table={value}")
+    assert config.output.embeddings.kind == kind and config.output.embeddings.value == config.output.embeddings_table
+
+
+@pytest.mark.parametrize("value", ["my-data.v1", "shop..images", "a.b.c.d", "1shop.images", "shop.images.", "x.y-z"])
+def test_a_dotted_value_that_is_no_name_is_refused_naming_the_key(value: str) -> None:
+    message = _error(f"output.images_table={value}")
+    assert message.startswith(f"output.images_table: {value!r} is neither a storage path nor a metastore table name")
+    assert f"write ./{value} for a local folder" in message and "\n" not in message
+    assert _error(f"index.neighbours_table={value}").startswith("index.neighbours_table: ")
+
+
+def test_named_tables_sql_derived_names_and_external_locations() -> None:
+    config = _load("output.images_table=shop.images", "output.embeddings_table=main.shop.embeddings",
+                   "output.runs_table=s3://b/runs", "output.locations.shop.images_files=s3://b/files/",
+                   "output.locations.main.shop.embeddings=/Volumes/main/shop/data/embeddings")
+    out = config.output
+    assert (out.images.sql, out.embeddings.sql) == ("`shop`.`images`", "`main`.`shop`.`embeddings`")
+    assert out.runs.sql == "delta.`s3://b/runs`" and not out.runs.is_name
+    assert (out.files.value, out.files.location) == ("shop.images_files", "s3://b/files")
+    assert (out.images.location, out.embeddings.storage) == (None, "/Volumes/main/shop/data/embeddings")
+    assert config.index.neighbours_for(out.embeddings_table) == "main.shop.embeddings_neighbours"
+    # What is files rather than a table: beside an external location, or configured for a managed table.
+    assert config.index.location_for(out.embeddings) == "/Volumes/main/shop/data/embeddings_index"
+    with pytest.raises(ConfigError, match=r"^lease.location: shop.images is a managed metastore table.*set "
+                                          r"lease.location to a file on storage"):
+        config.lease.location_for(out.images)
+    leased = _load("output.images_table=shop.images", "lease.location=s3://b/lease.json")
+    assert leased.lease.location_for(leased.output.images) == "s3://b/lease.json"
+    path = _load()
+    assert path.lease.location_for(path.output.images) == "t/images_lease.json"
+    assert path.index.location_for(path.output.embeddings) == "t/embeddings_index"
+
+
+def test_locations_only_for_this_configs_named_tables_and_only_storage() -> None:
+    assert _error("output.locations.shop.other=s3://b/x", "output.images_table=shop.images").startswith(
+        "output.locations.shop.other: not a table this config names (tables by name here: shop.images, "
+        "shop.images_files)")
+    assert _error("output.locations.t/images=s3://b/x").startswith("output.locations.t/images: not a table")
+    assert _error("output.images_table=shop.images", "output.locations.shop.images=other.table") == (
+        "output.locations.shop.images: expected a storage location (s3://bucket/path, /Volumes/..., ./folder), "
+        "got 'other.table'")
+    assert "credentials must not be embedded" in _error(
+        "output.images_table=shop.images", "output.locations.shop.images=s3a://AKIA:secret@b/x")
+    # Names compare as the catalogs compare them: without regard to case.
+    config = _load("output.images_table=Shop.Images", "output.locations.shop.images=s3://b/x")
+    assert config.output.images.location == "s3://b/x"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # --set overrides
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 from image_embeddings.images import DEFAULT_EXTENSIONS, MODES
 from image_embeddings.redaction import is_secret_key, scrub
+from image_embeddings.tables import TableRef, table_kind
 from image_embeddings.uri import has_user_info, location_problem, normalize
 
 
@@ -39,17 +40,44 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Delta table locations."""
+    """The Delta tables: each a storage path or a metastore name (:func:`tables.table_kind`)."""
 
     images_table: str
     embeddings_table: str
     runs_table: str
     files_table: str | None = None
+    # External locations of tables by name (``db.images: s3://bucket/images``); a name without one is managed.
+    locations: dict[str, str] = field(default_factory=dict)
 
     @property
     def files_table_path(self) -> str:
         """The per-file state table; defaults to ``<images_table>_files``."""
         return self.files_table or self.images_table.rstrip("/") + "_files"
+
+    def table(self, value: str) -> TableRef:
+        """``value`` (a path or a name) as a table, with a name's external location from ``locations``."""
+        found = {k.lower(): v for k, v in self.locations.items()}.get(value.lower())
+        return TableRef.of(value, found if table_kind(value) == "name" else None)
+
+    @property
+    def images(self) -> TableRef:
+        """``images_table`` as a table."""
+        return self.table(self.images_table)
+
+    @property
+    def embeddings(self) -> TableRef:
+        """``embeddings_table`` as a table."""
+        return self.table(self.embeddings_table)
+
+    @property
+    def runs(self) -> TableRef:
+        """``runs_table`` as a table."""
+        return self.table(self.runs_table)
+
+    @property
+    def files(self) -> TableRef:
+        """The files table (:attr:`files_table_path`) as a table."""
+        return self.table(self.files_table_path)
 
 
 @dataclass(frozen=True)
@@ -145,9 +173,10 @@ class IndexConfig:
     neighbours_table: str | None = None  # default <embeddings_table>_neighbours
     neighbours_k: int = 20
 
-    def location_for(self, embeddings_table: str) -> str:
-        """Where the index lives: ``location`` or ``<embeddings_table>_index``."""
-        return self.location or embeddings_table.rstrip("/") + "_index"
+    def location_for(self, embeddings: TableRef) -> str:
+        """Where the index lives: ``location`` or ``<embeddings_table>_index`` (a named table: beside its
+        external location; a managed one has none to derive from, so ``location`` must be set)."""
+        return self.location or _beside(embeddings, "_index", "index.location", "a folder")
 
     def neighbours_for(self, embeddings_table: str) -> str:
         """The neighbours table: ``neighbours_table`` or ``<embeddings_table>_neighbours``."""
@@ -162,9 +191,21 @@ class LeaseConfig:
     wait_seconds: int = 600       # how long a run waits for another run's lease before it fails
     ttl_seconds: int = 300        # a lease whose holder stopped renewing it expires this long after its last renewal
 
-    def location_for(self, images_table: str) -> str:
-        """Where the lease lives: ``location`` or ``<images_table>_lease.json``."""
-        return self.location or images_table.rstrip("/") + "_lease.json"
+    def location_for(self, images: TableRef) -> str:
+        """Where the lease lives: ``location`` or ``<images_table>_lease.json`` (a named table: beside its
+        external location; a managed one has none to derive from, so ``location`` must be set)."""
+        return self.location or _beside(images, "_lease.json", "lease.location", "a file")
+
+
+def _beside(table: TableRef, suffix: str, key: str, what: str) -> str:
+    """A location named after ``table``'s storage; a :class:`ConfigError` naming ``key`` for a managed table."""
+    if table.storage is None:
+        raise ConfigError(
+            f"{key}: {table} is a managed metastore table, whose files the catalog places (and Unity Catalog does "
+            f"not let a job write beside): set {key} to {what} on storage, such as "
+            f"/Volumes/<catalog>/<schema>/<volume>/{suffix.lstrip('_')} or s3://bucket/path/{suffix.lstrip('_')}, "
+            "or give the table an external location in output.locations")
+    return table.storage.rstrip("/") + suffix
 
 
 @dataclass(frozen=True)
@@ -231,10 +272,29 @@ def normalized(config: AppConfig) -> AppConfig:
         values = {n: normalize(getattr(section, n)) for n in names if getattr(section, n)}
         return dataclasses.replace(section, **values)
 
+    def tables(section: Any, *names: str) -> Any:
+        values = {n: _clean_table(getattr(section, n)) for n in names if getattr(section, n)}
+        return dataclasses.replace(section, **values)
+
+    output = tables(config.output, "images_table", "embeddings_table", "runs_table", "files_table")
     return dataclasses.replace(
         config, input=clean(config.input, "images", "sales"),
-        output=clean(config.output, "images_table", "embeddings_table", "runs_table", "files_table"),
-        index=clean(config.index, "location", "neighbours_table"), lease=clean(config.lease, "location"))
+        output=dataclasses.replace(output, locations={k.strip(): normalize(v) for k, v in output.locations.items()}),
+        index=tables(clean(config.index, "location"), "neighbours_table"), lease=clean(config.lease, "location"))
+
+
+def _clean_table(value: str) -> str:
+    """A table path normalized (still a path: ``./a.b`` keeps its ``./``), a name as written."""
+    try:
+        if table_kind(value) == "name":
+            return value.strip()
+    except ValueError:
+        return value  # refused, naming the key, by the checks
+    clean = normalize(value)
+    try:
+        return clean if table_kind(clean) == "path" else "./" + clean
+    except ValueError:
+        return "./" + clean
 
 
 def with_run_date(config: AppConfig, run_date: str | None) -> AppConfig:
@@ -399,13 +459,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _check(config: AppConfig) -> None:
-    inp, out, pre, spark, s3 = config.input, config.output, config.preprocess, config.spark, config.s3
-    for key, value in (("input.images", inp.images), ("input.sales", inp.sales),
-                       ("output.images_table", out.images_table),
-                       ("output.embeddings_table", out.embeddings_table),
-                       ("output.runs_table", out.runs_table), ("output.files_table", out.files_table)):
-        if value is not None:
-            _check_location(key, value)
+    inp, pre, spark, s3 = config.input, config.preprocess, config.spark, config.s3
+    for key, value in (("input.images", inp.images), ("input.sales", inp.sales)):
+        _check_location(key, value)
+    _check_tables(config)
     if _GLOB_CHARS & set(inp.images.replace("{run_date}", "")):
         raise ConfigError(f"input.images: must be a directory or prefix, not a glob pattern: {inp.images!r}")
     if not inp.extensions:
@@ -466,6 +523,40 @@ def _check(config: AppConfig) -> None:
     _check_lease(config.lease)
 
 
+def _check_tables(config: AppConfig) -> None:
+    """Each table a path or a name (never a guess), and ``output.locations`` only for this config's names."""
+    out = config.output
+    named: list[str] = []
+    for key, value in (("output.images_table", out.images_table), ("output.embeddings_table", out.embeddings_table),
+                       ("output.runs_table", out.runs_table), ("output.files_table", out.files_table),
+                       ("index.neighbours_table", config.index.neighbours_table)):
+        if value is None:
+            continue
+        try:
+            kind = table_kind(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if kind == "path":
+            _check_location(key, value)
+    for value in (out.images_table, out.embeddings_table, out.runs_table, out.files_table_path,
+                  config.index.neighbours_for(out.embeddings_table)):
+        if table_kind(value) == "name":
+            named.append(value.lower())
+    for name, location in out.locations.items():
+        key = f"output.locations.{name}"
+        if name.lower() not in named:
+            raise ConfigError(f"{key}: not a table this config names (tables by name here: "
+                              f"{', '.join(sorted(set(named))) or 'none'}); a location applies to a table by name")
+        _check_location(key, location)
+        try:
+            is_path = table_kind(location) == "path"
+        except ValueError:
+            is_path = False
+        if not is_path:
+            raise ConfigError(f"{key}: expected a storage location (s3://bucket/path, /Volumes/..., ./folder), "
+                              f"got {location!r}")
+
+
 def _check_lease(lease: LeaseConfig) -> None:
     if lease.location is not None:
         _check_location("lease.location", lease.location)
@@ -477,9 +568,8 @@ def _check_lease(lease: LeaseConfig) -> None:
 
 
 def _check_index(index: IndexConfig) -> None:
-    for key, value in (("index.location", index.location), ("index.neighbours_table", index.neighbours_table)):
-        if value is not None:
-            _check_location(key, value)
+    if index.location is not None:
+        _check_location("index.location", index.location)
     if index.type not in INDEX_TYPES:
         raise ConfigError(f"index.type: must be one of {', '.join(INDEX_TYPES)}, got {index.type!r}")
     for key, number in (("index.exact_below", index.exact_below), ("index.pq_above", index.pq_above),

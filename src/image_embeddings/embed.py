@@ -21,6 +21,7 @@ from image_embeddings.quality import run_drift
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import concurrently, default_parallelism, session_conf
 from image_embeddings.tables import (
+    Table,
     clustered,
     commit_state,
     ensure_features,
@@ -30,6 +31,7 @@ from image_embeddings.tables import (
     merge_changes,
     path_ranges,
     ranges_sql,
+    read,
     read_changes,
     read_table,
     record_state,
@@ -197,12 +199,12 @@ MAX_LISTED_PATHS = 1_000_000
 
 def embeddings_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     """The embeddings joined with the images table's sales columns (the article's combined table)."""
-    return with_sales(spark, config, spark.read.format("delta").load(config.output.embeddings_table))
+    return with_sales(spark, config, read(spark, config.output.embeddings))
 
 
 def with_sales(spark: SparkSession, config: AppConfig, rows: DataFrame) -> DataFrame:
     """``rows`` (keyed by ``image_id``) joined with the images table's sales columns."""
-    images = spark.read.format("delta").load(config.output.images_table)
+    images = read(spark, config.output.images)
     own = {"path", "file_size", "modification_time", "sha256", "width", "height", "image", "error", "preprocess_id",
            "run_id", "ingested_at", "duplicate_files", "updated_run_id", "updated_at"}
     sales = [c for c in images.columns if c not in own]
@@ -213,11 +215,11 @@ def with_sales(spark: SparkSession, config: AppConfig, rows: DataFrame) -> DataF
 def run_embed(spark: SparkSession, config: AppConfig, run_id: str | None = None,
               report_file: str | None = None, run_date: str | None = None) -> RunReport:
     """Run stage 2 once and return its report (also logged, written to ``report_file`` and the runs table)."""
-    return run_reported("embed", lambda report: _embed_stage(spark, config, report), spark, config.output.runs_table,
+    return run_reported("embed", lambda report: _embed_stage(spark, config, report), spark, config.output.runs,
                         run_id, report_file, run_date, rate=("embedded", "embed_seconds"))
 
 
-def _changed_images(spark: SparkSession, images_path: str, existing: DataFrame | None,
+def _changed_images(spark: SparkSession, images_path: Table, existing: DataFrame | None,
                     state: tuple[int, dict[str, Any]] | None,
                     images_version: int) -> tuple[str | None, DataFrame | None]:
     """Why every image must be compared (None: it need not), and the image_ids changed since this model's state.
@@ -264,11 +266,11 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     if config.preprocess.size != spec.input_size:
         raise EmbedError(f"preprocess.size: {mc.name} takes {spec.input_size}x{spec.input_size} images, "
                          f"but stage 1 wrote {config.preprocess.size}x{config.preprocess.size}")
-    images = read_table(spark, out.images_table)
+    images = read_table(spark, out.images)
     if images is None:
         raise EmbedError(f"output.images_table: no Delta table at {out.images_table}; run `ingest` first")
     require_columns(images, out.images_table, ("image_id", "sha256", "path", "error"), "output.images_table")
-    files = read_table(spark, out.files_table_path)
+    files = read_table(spark, out.files)
     if files is None:
         raise EmbedError(f"output.files_table: no Delta table at {out.files_table_path}; run `ingest` first")
     weights = resolve_config_weights(config)
@@ -279,24 +281,24 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
     m.update(model=mc.name, model_key=key, weights=mc.weights, weights_checksum=weights.checksum)
 
     with report.step("plan"):
-        images_version = table_version(spark, out.images_table)
+        images_version = table_version(spark, out.images)
         assert images_version is not None
-        images = spark.read.format("delta").option("versionAsOf", images_version).load(out.images_table)
-        existing = read_table(spark, out.embeddings_table)
+        images = read(spark, out.images, images_version)
+        existing = read_table(spark, out.embeddings)
         if existing is not None:
             require_columns(existing, out.embeddings_table, EMBEDDING_COLUMNS, "output.embeddings_table")
-            ensure_features(spark, out.embeddings_table)
-            existing = read_table(spark, out.embeddings_table)
-        state = commit_state(spark, out.embeddings_table,
+            ensure_features(spark, out.embeddings)
+            existing = read_table(spark, out.embeddings)
+        state = commit_state(spark, out.embeddings,
                              lambda s: s.get("model_key") == key and "images_table_version" in s)
         m["images_table_version"] = images_version
         if existing is not None and state is not None and int(state[1]["images_table_version"]) == images_version:
             # The images table has not changed since this model's last commit: nothing to embed or remove.
             m.update(images_sync="incremental", rows_considered=0, embedded=0, skipped=0, removed=0, errors={},
                      python_workers=0, model_loads=0, workers_warmed_up=0, batches=0, device=[], precision=[],
-                     embed_seconds=0.0, embeddings_table_version=table_version(spark, out.embeddings_table))
+                     embed_seconds=0.0, embeddings_table_version=table_version(spark, out.embeddings))
             return
-        reason, keys = _changed_images(spark, out.images_table, existing, state, images_version)
+        reason, keys = _changed_images(spark, out.images, existing, state, images_version)
         m["images_sync"] = reason or "incremental"
         current = images.select("image_id", "sha256", "path", "error")
         mine = None if existing is None else existing.where(F.col("model_key") == key)
@@ -367,14 +369,14 @@ def _embed_stage(spark: SparkSession, config: AppConfig, report: RunReport) -> N
                 with report.step("write_embeddings_table"):
                     rows = clustered(result.select(*EMBEDDING_COLUMNS), "image_id", int(stats["rows"]),
                                      ROWS_PER_EMBEDDINGS_FILE)
-                    _, m["embeddings_table_attempts"] = with_commit_retries(out.embeddings_table, lambda: merge_changes(
-                        spark, out.embeddings_table, rows, stale, ["image_id", "model_key"], metadata=reached,
+                    _, m["embeddings_table_attempts"] = with_commit_retries(str(out.embeddings), lambda: merge_changes(
+                        spark, out.embeddings, rows, stale, ["image_id", "model_key"], metadata=reached,
                         target_filter=_merge_scope(key, result, int(stats["rows"]), stale, n_stale)))
             elif state is None or state[1]["images_table_version"] != images_version:
-                record_state(spark, out.embeddings_table, reached)  # nothing to embed, but later runs start here
+                record_state(spark, out.embeddings, reached)  # nothing to embed, but later runs start here
         finally:
             result.unpersist()
             wanted.unpersist()
             if keys is not None:
                 keys.unpersist()
-    m["embeddings_table_version"] = table_version(spark, out.embeddings_table)
+    m["embeddings_table_version"] = table_version(spark, out.embeddings)

@@ -28,6 +28,7 @@ from image_embeddings.progress import Progress
 from image_embeddings.report import RunReport, errors_by_reason, run_reported, utcnow
 from image_embeddings.spark import analyzed, concurrently, local_frame, runtime_settings, session_conf
 from image_embeddings.tables import (
+    Table,
     add_columns,
     clustered,
     commit_state,
@@ -38,6 +39,7 @@ from image_embeddings.tables import (
     literal_keys,
     merge_changes,
     ranges_sql,
+    read,
     read_changes,
     read_table,
     record_state,
@@ -393,7 +395,7 @@ def run_ingest(spark: SparkSession, config: AppConfig, run_id: str | None = None
 
             _ingest(spark, config, report, start_warm_up)
 
-    return run_reported("ingest", work, spark, config.output.runs_table,
+    return run_reported("ingest", work, spark, config.output.runs,
                         run_id, report_file, run_date, rate=("files_decoded", None))
 
 
@@ -420,7 +422,7 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
     def check_sales() -> tuple[DataFrame, str, tuple[int, dict[str, Any]] | None]:
         sales = read_sales(spark, inp.sales, inp.sales_key)
         sales_fp = sales_fingerprint(spark, inp.sales)
-        images_state = commit_state(spark, out.images_table, lambda s: "files_table_version" in s)
+        images_state = commit_state(spark, out.images, lambda s: "files_table_version" in s)
         # Sales files that have not changed since the images table was last brought up to date passed it then.
         if images_state is None or images_state[1].get("sales") != sales_fp:
             _check_sales_keys(sales, inp.sales_key)
@@ -434,12 +436,12 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
 
     with report.step("list"):
         listing = with_image_id(list_files(spark, root, inp.extensions), inp.image_id_pattern)
-        files = read_table(spark, out.files_table_path)
+        files = read_table(spark, out.files)
         if files is not None:
             require_columns(files, out.files_table_path, FILE_COLUMNS, "output.files_table")
-            ensure_features(spark, out.files_table_path)
-            files = read_table(spark, out.files_table_path)
-        images_now = read_table(spark, out.images_table)
+            ensure_features(spark, out.files)
+            files = read_table(spark, out.files)
+        images_now = read_table(spark, out.images)
         if images_now is not None:
             require_columns(images_now, out.images_table, (*IMAGE_COLUMNS, "updated_run_id", "updated_at"),
                             "output.images_table")
@@ -509,8 +511,8 @@ def _ingest(spark: SparkSession, config: AppConfig, report: RunReport,
             if summary["rows"] or m["files_removed"] or files is None:
                 written = clustered(processed.select(*FILE_COLUMNS), "path", summary["rows"], ROWS_PER_WRITTEN_FILE)
                 with report.step("write_files_table"):
-                    _, m["files_table_attempts"] = with_commit_retries(out.files_table_path, lambda: merge_changes(
-                        spark, out.files_table_path, written, removed, "path",
+                    _, m["files_table_attempts"] = with_commit_retries(str(out.files), lambda: merge_changes(
+                        spark, out.files, written, removed, "path",
                         target_filter=f"startswith(t.path, {sql_string(scope)})"))
         finally:
             if decoded is not None:
@@ -638,12 +640,12 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
     from pyspark.sql import functions as F
 
     inp, out, m = config.input, config.output, report.metrics
-    files_version = table_version(spark, out.files_table_path)
+    files_version = table_version(spark, out.files)
     assert files_version is not None
-    files = (spark.read.format("delta").option("versionAsOf", files_version).load(out.files_table_path)
+    files = (read(spark, out.files, files_version)
              .select(*NARROW_FILE_COLUMNS))
     m["files_table_version"] = files_version
-    existing = read_table(spark, out.images_table)
+    existing = read_table(spark, out.images)
     resolved = resolve_duplicates(files)
     shape = schema_id(join_sales(resolved, sales, inp.join))  # analysis only, no job
     reason, changes = _incremental_source(spark, config, existing, state, sales_fp, files_version, shape)
@@ -652,14 +654,14 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
     if reason is not None:
         errors, totals = concurrently(lambda: errors_by_reason(files), lambda: match_counts(resolved, sales))
         m.update(totals, errors_total=errors)
-        _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images_table, report,
+        _write_images(spark, join_sales(resolved, sales, inp.join), existing, out.images, report,
                       {**recorded, "totals": totals, "errors_total": errors}, changed_keys=None)
         return
     assert state is not None
     totals, errors = dict(state[1].get("totals", {})), Counter(state[1].get("errors_total", {}))
     if changes is None:  # the files table did not change since the images table was last brought up to date
         m.update(totals, errors_total=dict(sorted(errors.items())), images_upserted=0, images_deleted=0,
-                 images_table_write="unchanged", images_table_version=table_version(spark, out.images_table))
+                 images_table_write="unchanged", images_table_version=table_version(spark, out.images))
         return
     persisted = changes.where(F.col("image_id").isNotNull()).select("image_id").distinct().persist(
         StorageLevel.MEMORY_AND_DISK)
@@ -684,7 +686,7 @@ def sync_images(spark: SparkSession, config: AppConfig, sales: DataFrame, sales_
         errors.update(delta)
         errors_total = {k: v for k, v in sorted(errors.items()) if v}
         m.update(totals, errors_total=errors_total)
-        _write_images(spark, join_sales(resolved, sales_k, inp.join), existing, out.images_table, report,
+        _write_images(spark, join_sales(resolved, sales_k, inp.join), existing, out.images, report,
                       {**recorded, "totals": totals, "errors_total": errors_total}, changed_keys=keys,
                       key_scope=scope)
     finally:
@@ -721,14 +723,14 @@ def _incremental_source(spark: SparkSession, config: AppConfig, existing: DataFr
         return "full: recorded files-table version is ahead of the table", None
     if since == files_version:
         return None, None
-    changes = read_changes(spark, config.output.files_table_path, since, files_version,
+    changes = read_changes(spark, config.output.files, since, files_version,
                            (*NARROW_FILE_COLUMNS, "_change_type", "_commit_version"))
     if changes is None:
         return "full: change data feed unavailable", None
     return None, changes
 
 
-def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: str,
+def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame | None, path: Table,
                   report: RunReport, state: dict[str, Any], changed_keys: DataFrame | None,
                   key_scope: list[tuple[str, str]] | None = None) -> None:
     """Bring the images table to ``desired`` (for ``changed_keys`` only, when given), writing only rows that
@@ -761,7 +763,7 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     n_upserts, n_deletes = concurrently(upserts.count, deletes.count)
     m["images_upserted"], m["images_deleted"] = n_upserts, n_deletes
     if n_upserts or n_deletes:
-        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+        _, m["images_table_attempts"] = with_commit_retries(str(path), lambda: merge_changes(
             spark, path, upserts.select(*target.columns), deletes, "image_id", metadata=state,
             target_filter=None if key_scope is None else ranges_sql("t.image_id", key_scope)))
         m["images_table_write"] = "merged"
@@ -772,15 +774,15 @@ def _write_images(spark: SparkSession, desired: DataFrame, existing: DataFrame |
     m["images_table_version"] = table_version(spark, path)
 
 
-def _create_images(spark: SparkSession, path: str, target: DataFrame, new: bool, state: dict[str, Any],
+def _create_images(spark: SparkSession, path: Table, target: DataFrame, new: bool, state: dict[str, Any],
                    m: dict[str, Any]) -> None:
     """Write the whole images table: a new one (a first run that loses the race to create it merges into the
     winner's), or an older release's table with thumbnails, rewritten from every row without them."""
     if new:
-        _, m["images_table_attempts"] = with_commit_retries(path, lambda: merge_changes(
+        _, m["images_table_attempts"] = with_commit_retries(str(path), lambda: merge_changes(
             spark, path, target, None, "image_id", metadata=state))
     else:
-        with_commit_retries(path, lambda: create(spark, path, target, state, mode="overwrite"))
+        with_commit_retries(str(path), lambda: create(spark, path, target, state, mode="overwrite"))
     m["images_table_write"] = "created" if new else "overwritten (thumbnails moved to the files table)"
     m["images_upserted"] = m["joined"] if state["join"] == "inner" else m["images"]
     m["images_deleted"] = 0

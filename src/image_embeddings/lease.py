@@ -313,7 +313,7 @@ def holding(settings: LeaseSettings, command: str) -> Iterator[Lease | None]:
 
 def settings_for(config: AppConfig) -> LeaseSettings:
     """The lease settings of a validated config."""
-    return LeaseSettings(config.lease.location_for(config.output.images_table), float(config.lease.wait_seconds),
+    return LeaseSettings(config.lease.location_for(config.output.images), float(config.lease.wait_seconds),
                          float(config.lease.ttl_seconds), config.s3.endpoint, config.s3.region)
 
 

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from image_embeddings.config import AppConfig
 from image_embeddings.lease import leased
 from image_embeddings.report import RunReport, run_reported
 from image_embeddings.spark import session_conf
-from image_embeddings.tables import table_exists, table_version, with_commit_retries
+from image_embeddings.tables import (
+    Table,
+    TableRef,
+    history,
+    table_exists,
+    table_properties,
+    table_version,
+    with_commit_retries,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -47,11 +56,10 @@ class RetentionTooShortError(MaintenanceError):
     """``maintenance.vacuum_retention_hours`` is below a table's safety minimum; nothing was touched."""
 
 
-def owned_tables(config: AppConfig) -> list[tuple[str, str]]:
-    """The package's Delta tables as (name, location): files, images, embeddings, runs."""
+def owned_tables(config: AppConfig) -> list[tuple[str, TableRef]]:
+    """The package's Delta tables as (name, table): files, images, embeddings, runs (by path or by name)."""
     out = config.output
-    return [("files", out.files_table_path), ("images", out.images_table), ("embeddings", out.embeddings_table),
-            ("runs", out.runs_table)]
+    return [("files", out.files), ("images", out.images), ("embeddings", out.embeddings), ("runs", out.runs)]
 
 
 def interval_hours(text: str) -> float:
@@ -70,12 +78,9 @@ def interval_hours(text: str) -> float:
     return hours
 
 
-def minimum_retention_hours(spark: SparkSession, path: str) -> tuple[float, str]:
+def minimum_retention_hours(spark: SparkSession, path: Table) -> tuple[float, str]:
     """A table's VACUUM safety minimum in hours, and where it comes from (the property, or Delta's default)."""
-    from delta.tables import DeltaTable
-
-    row = DeltaTable.forPath(spark, path).detail().select("properties").first()
-    properties = dict(row[0] or {}) if row is not None else {}
+    properties = table_properties(spark, path)
     value = properties.get(RETENTION_PROPERTY)
     if value is None:
         return DEFAULT_RETENTION_HOURS, f"Delta's default {RETENTION_PROPERTY} of 7 days"
@@ -89,7 +94,7 @@ def _hours(value: float) -> str:
     return f"{value:g}"
 
 
-def check_retention(spark: SparkSession, tables: list[tuple[str, str]], retention_hours: int,
+def check_retention(spark: SparkSession, tables: Sequence[tuple[str, Table]], retention_hours: int,
                     allow_short: bool = False) -> None:
     """Refuse a retention below any table's safety minimum before anything is touched; with ``allow_short``, warn.
 
@@ -110,12 +115,10 @@ def check_retention(spark: SparkSession, tables: list[tuple[str, str]], retentio
                     "as --allow-short-retention asks", name, path, retention_hours, _hours(minimum), source)
 
 
-def _optimize(spark: SparkSession, name: str, path: str) -> dict[str, int]:
-    from delta.tables import DeltaTable
-
+def _optimize(spark: SparkSession, name: str, path: TableRef) -> dict[str, int]:
     def compact() -> dict[str, Any]:
         with session_conf(spark, OPTIMIZE_SIZES):
-            row = DeltaTable.forPath(spark, path).optimize().executeCompaction().select("metrics").first()
+            row = spark.sql(f"OPTIMIZE {path.sql}").select("metrics").first()
         return {} if row is None or row[0] is None else row[0].asDict(recursive=True)
 
     metrics, _ = with_commit_retries(f"OPTIMIZE of the {name} table at {path}", compact)
@@ -123,19 +126,16 @@ def _optimize(spark: SparkSession, name: str, path: str) -> dict[str, int]:
             "files_added": int(metrics.get("numFilesAdded") or 0)}
 
 
-def _vacuum(spark: SparkSession, path: str, retention_hours: int, allow_short: bool) -> int | None:
+def _vacuum(spark: SparkSession, path: TableRef, retention_hours: int, allow_short: bool) -> int | None:
     """VACUUM one table; the number of files deleted when Delta logged it (VACUUM END), else None."""
-    from delta.tables import DeltaTable
-
     before = table_version(spark, path)
     shuffle = str(spark.conf.get("spark.sql.shuffle.partitions", "200"))
     settings = {LISTING_PARALLELISM: shuffle if shuffle.isdigit() else "200"}  # Databricks allows "auto"
     if allow_short:
         settings[RETENTION_CHECK] = "false"
     with session_conf(spark, settings):
-        DeltaTable.forPath(spark, path).vacuum(float(retention_hours))
-    history = DeltaTable.forPath(spark, path).history(2).select("version", "operation", "operationMetrics")
-    for row in history.collect():
+        spark.sql(f"VACUUM {path.sql} RETAIN {int(retention_hours)} HOURS")
+    for row in history(spark, path, 2).select("version", "operation", "operationMetrics").collect():
         if row["operation"] == "VACUUM END" and (before is None or row["version"] > before):
             deleted = (row["operationMetrics"] or {}).get("numDeletedFiles")
             return None if deleted is None else int(deleted)
@@ -148,9 +148,9 @@ def _maintain(spark: SparkSession, config: AppConfig, allow_short: bool, report:
     m = report.metrics
     m.update(vacuum_retention_hours=retention, optimize=settings.optimize, allow_short_retention=allow_short,
              tables={})
-    present: list[tuple[str, str]] = []
+    present: list[tuple[str, TableRef]] = []
     for name, path in owned_tables(config):
-        m["tables"][name] = {"path": path}
+        m["tables"][name] = {"path": str(path)}
         if table_exists(spark, path):
             present.append((name, path))
         else:
@@ -214,4 +214,4 @@ def run_maintain(spark: SparkSession, config: AppConfig, allow_short_retention: 
     :class:`MaintenanceError` when a table failed.
     """
     return run_reported("maintain", lambda report: _maintain(spark, config, allow_short_retention, report),
-                        spark, config.output.runs_table, run_id, report_file, run_date, rate=None)
+                        spark, config.output.runs, run_id, report_file, run_date, rate=None)

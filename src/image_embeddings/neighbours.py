@@ -97,7 +97,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     index = update_index(spark, config)
     key, version = index["model_key"], int(index["version"])
     store = store_for(config, key)
-    path = config.index.neighbours_for(config.output.embeddings_table)
+    path = config.output.table(config.index.neighbours_for(config.output.embeddings_table))
     nprobe = config.index.nprobe
     state = commit_state(spark, path, lambda s: s.get("model_key") == key)
     other_k = None if state is None or state[1].get("k") == k else state[1].get("k")
@@ -105,19 +105,19 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
         state = None
     metadata: dict[str, Any] = {"model_key": key, "k": k, "embeddings_version": version}
     rows, _ = model_table(spark, config, version, check=False)
-    result: dict[str, Any] = {"table": path, "model_key": key, "k": k, "version": version, "index": index}
+    result: dict[str, Any] = {"table": str(path), "model_key": key, "k": k, "version": version, "index": index}
     since = None if state is None else int(state[1]["embeddings_version"])
     if since is not None and since == version:
         return {**result, "action": "fresh", "rows_written": 0}
     changes = None if full or since is None or since > version else read_changes(
-        spark, config.output.embeddings_table, since, version, ("image_id", "model_key", "_change_type", "embedding"))
+        spark, config.output.embeddings, since, version, ("image_id", "model_key", "_change_type", "embedding"))
     if changes is None:
         found = clustered(neighbours_frame(rows, store, version, nprobe, k, key), "image_id", int(index["rows"]),
                           ROWS_PER_FILE)
         found = found.persist()
         written, floor = found.agg(F.count(F.lit(1)), F.min(kth_score(k))).first()  # type: ignore[misc]
         metadata["floor"] = -1.0 if floor is None else float(floor)
-        with_commit_retries(path, lambda: overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata))
+        with_commit_retries(str(path), lambda: overwrite_where(found, path, f"model_key = {sql_string(key)}", metadata))
         found.unpersist()
         reason = ("asked for (--full)" if full else f"k changed from {other_k}" if other_k is not None
                   else "no earlier run" if since is None else "change feed unreadable")
@@ -149,7 +149,7 @@ def run_neighbours(spark: SparkSession, config: AppConfig, k: int | None = None,
     metadata["floor"] = min(floor, float(lowest)) if lowest is not None else floor
     gone = [i for i in touched if i not in present]
     deletes = spark.createDataFrame([(i, key) for i in gone], "image_id string, model_key string")
-    with_commit_retries(path, lambda: merge_changes(
+    with_commit_retries(str(path), lambda: merge_changes(
         spark, path, upserts, deletes, ["image_id", "model_key"],
         target_filter=f"t.model_key = {sql_string(key)} AND {ranges_sql('t.image_id', ranges)}", metadata=metadata))
     upserts.unpersist()
@@ -170,9 +170,10 @@ def kth_score(k: int) -> Any:
 def neighbours_with_sales(spark: SparkSession, config: AppConfig) -> DataFrame:
     """The neighbours table joined with the images table's sales columns, as for embeddings."""
     from image_embeddings.embed import with_sales
+    from image_embeddings.tables import read
 
-    path = config.index.neighbours_for(config.output.embeddings_table)
-    return with_sales(spark, config, spark.read.format("delta").load(path))
+    path = config.output.table(config.index.neighbours_for(config.output.embeddings_table))
+    return with_sales(spark, config, read(spark, path))
 
 
 @leased('neighbours')
@@ -186,7 +187,7 @@ def run_neighbours_reported(spark: SparkSession, config: AppConfig, k: int | Non
         with report.step("neighbours"):
             report.metrics.update(run_neighbours(spark, config, k=k, full=full))
 
-    return run_reported("neighbours", work, spark, config.output.runs_table, run_id, report_file, run_date,
+    return run_reported("neighbours", work, spark, config.output.runs, run_id, report_file, run_date,
                         rate=None)
 
 

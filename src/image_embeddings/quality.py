@@ -143,7 +143,7 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
     from image_embeddings.embed import embedder_settings, model_key, resolve_config_weights
     from image_embeddings.embedder import Embedder
     from image_embeddings.similar import SimilarError, model_rows
-    from image_embeddings.tables import in_ranges, path_ranges
+    from image_embeddings.tables import in_ranges, path_ranges, read
 
     if sample < 2:
         raise EvaluateError("--sample: needs at least 2 images")
@@ -155,13 +155,13 @@ def evaluate(spark: SparkSession, config: AppConfig, sample: int = 200, seed: in
     except SimilarError as exc:
         raise EvaluateError(str(exc)) from None
     key = model_key(config.model.name, weights.checksum, config.preprocess.preprocess_id, config.model.normalize)
-    every = spark.read.format("delta").load(out.embeddings_table).where(F.col("model_key") == key)
+    every = read(spark, out.embeddings).where(F.col("model_key") == key)
     statistics = vector_statistics(every)
     chosen = (rows.select("image_id", "sha256", "embedding").orderBy(F.rand(seed)).limit(sample)
-              .join(spark.read.format("delta").load(out.images_table).select("image_id", "path"), "image_id"))
+              .join(read(spark, out.images).select("image_id", "path"), "image_id"))
     picked = chosen.collect()
     paths = [r["path"] for r in picked]
-    files = spark.read.format("delta").load(out.files_table_path).select("path", "sha256", "image")
+    files = read(spark, out.files).select("path", "sha256", "image")
     thumbs = {(r["path"], r["sha256"]): r["image"]
               for r in files.where(in_ranges("path", path_ranges(paths))).where(F.col("image").isNotNull()).collect()}
     picked = [r for r in picked if (r["path"], r["sha256"]) in thumbs]

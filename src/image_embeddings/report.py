@@ -20,6 +20,8 @@ from image_embeddings.redaction import redact, scrub
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from image_embeddings.tables import Table
+
 log = logging.getLogger(__name__)
 
 RUNS_SCHEMA = ("run_id STRING, stage STRING, status STRING, run_date STRING, started_at TIMESTAMP, "
@@ -104,7 +106,7 @@ def errors_by_reason(df: DataFrame) -> dict[str, int]:
     return {r["reason"]: int(r["count"]) for r in sorted(rows, key=lambda r: r["reason"])}
 
 
-def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSession, runs_table: str,
+def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSession, runs_table: Table,
                  run_id: str | None, report_file: str | None, run_date: str | None,
                  rate: tuple[str, str | None] | None) -> RunReport:
     """Run ``work`` with a fresh report and publish it, on success and on failure (then re-raise).
@@ -129,7 +131,7 @@ def run_reported(stage: str, work: Callable[[RunReport], None], spark: SparkSess
     return report
 
 
-def publish(report: RunReport, spark: SparkSession | None, runs_table: str | None,
+def publish(report: RunReport, spark: SparkSession | None, runs_table: Table | None,
             report_file: str | None) -> None:
     """Log the report, append it to the runs table and write it to ``report_file``; never raises."""
     log.info("run report: %s", report.summary())
@@ -147,7 +149,7 @@ def publish(report: RunReport, spark: SparkSession | None, runs_table: str | Non
 
             row = (report.run_id, report.stage, report.status, report.run_date, report.started_at,
                    report.finished_at, report.duration_s, report.to_json())
-            with_commit_retries(runs_table, lambda: append(local_frame(spark, [row], RUNS_SCHEMA), runs_table))
+            with_commit_retries(str(runs_table), lambda: append(local_frame(spark, [row], RUNS_SCHEMA), runs_table))
         except Exception as exc:  # the report must not hide the run's own outcome: one line, the trace in the file
             log.error("could not append the run report to %s", runs_table, exc_info=exc, extra={"file_only": True})
             log.error("could not append the run report to %s: %s", runs_table, failure_line(exc))

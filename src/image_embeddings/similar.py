@@ -48,10 +48,9 @@ def model_rows(spark: SparkSession, config: AppConfig, weights: Weights | None =
 
     weights = weights or resolve_config_weights(config)
     key = config_key(config, weights)
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    table = reader.load(config.output.embeddings_table)
+    from image_embeddings.tables import read
+
+    table = read(spark, config.output.embeddings, version)
     rows = table.where((F.col("model_key") == key) & F.col("embedding").isNotNull())
     if check and rows.limit(1).count() == 0:
         others = [r.asDict() for r in table.select("model_key", "model", "weights_checksum", "preprocess_id",
@@ -183,7 +182,7 @@ def fresh_index(spark: SparkSession, config: AppConfig, key: str) -> tuple[Any, 
     manifest = read_manifest(store)
     if manifest is None:
         return None, f"no index at {store.location} (`image-embeddings index` builds one)"
-    fresh, latest = is_fresh(spark, config.output.embeddings_table, manifest.version)
+    fresh, latest = is_fresh(spark, config.output.embeddings, manifest.version)
     if not fresh:
         return None, (f"the index covers table version {manifest.version}, the table is at {latest} "
                       "(`image-embeddings index` updates it)")

@@ -57,7 +57,7 @@ def reaches_s3(config: AppConfig) -> bool:
     """True when a table or input of ``config`` is on S3, or an S3 endpoint is configured."""
     out = config.output
     locations = (config.input.images, config.input.sales, out.images_table, out.embeddings_table, out.runs_table,
-                 out.files_table_path)
+                 out.files_table_path, *out.locations.values())
     return bool(config.s3.endpoint) or any(is_s3(loc) for loc in locations)
 
 

@@ -27,19 +27,19 @@ def collect_status(spark: SparkSession, config: AppConfig, runs: int = 10) -> di
     tables = []
     for name, path in owned_tables(config):
         df = read_table(spark, path)
-        tables.append({"table": name, "path": path, "exists": df is not None,
+        tables.append({"table": name, "path": str(path), "exists": df is not None,
                        "version": table_version(spark, path) if df is not None else None,
                        "rows": df.count() if df is not None else None})
     history: list[dict[str, Any]] = []
     last_failure = None
-    runs_df = read_table(spark, out.runs_table)
+    runs_df = read_table(spark, out.runs)
     if runs_df is not None:
         newest = runs_df.orderBy(F.col("started_at").desc()).limit(runs).collect()
         history = [_run(r) for r in newest]
         failed = runs_df.where(F.col("status") == "failed").orderBy(F.col("started_at").desc()).limit(1).collect()
         last_failure = _run(failed[0]) if failed else None
     models = []
-    embeddings = read_table(spark, out.embeddings_table)
+    embeddings = read_table(spark, out.embeddings)
     if embeddings is not None:
         grouped = embeddings.groupBy("model_key", "model", "weights_checksum", "preprocess_id").agg(
             F.count(F.lit(1)).alias("rows"), F.count("embedding").alias("embedded"),

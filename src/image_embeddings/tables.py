@@ -1,4 +1,11 @@
-"""Delta Lake readers and writers: every table write of the package goes through here."""
+"""Delta Lake readers and writers: every table access of the package goes through here.
+
+A table is addressed by a :class:`TableRef`: a storage path (``s3://b/delta/images``, ``/data/images``) or a
+metastore name (``db.images``, ``catalog.schema.images``) in the session's catalog. Everything here speaks to Delta
+in SQL (``MERGE INTO``, ``DESCRIBE HISTORY``, ``DESCRIBE DETAIL``, ``ALTER TABLE``) and through the DataFrame
+reader and writer, never through Delta's Python ``DeltaTable`` API: the same code then serves path tables and
+named tables, in classic sessions and in Spark Connect sessions (where that API needs a server plugin).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,102 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, DataFrameWriter, Row, SparkSession
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 COMMIT_ATTEMPTS = 4
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def table_kind(value: str) -> Literal["path", "name"]:
+    """Whether a configured table is a storage path or a metastore name; ValueError when it can be neither.
+
+    A path has a URI scheme (``s3://``, ``file:``), a ``/``, starts with ``.`` or ``~``, or is one word without a
+    dot (a relative folder, as before names were supported). Anything else has a dot and no ``/``: a name of two or
+    three identifiers (``db.table``, ``catalog.schema.table``; letters, digits and ``_``, not starting with a
+    digit). A dotted value that is not such a name (``my-data.v1``, ``a..b``, four parts) is refused, not guessed.
+    """
+    from image_embeddings.uri import scheme
+
+    text = value.strip()
+    if scheme(text) is not None or "/" in text or text.startswith((".", "~")) or "." not in text:
+        return "path"
+    parts = text.split(".")
+    if 2 <= len(parts) <= 3 and all(_IDENTIFIER.fullmatch(p) for p in parts):
+        return "name"
+    raise ValueError(f"{value!r} is neither a storage path nor a metastore table name: a value with a '.' and no "
+                     "'/' names a table (db.table or catalog.schema.table, each part letters, digits and '_'); "
+                     f"write ./{text} for a local folder")
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """One Delta table: by storage path, or by metastore name (managed, or external at ``location``)."""
+
+    value: str                          # the path or the name, as configured
+    kind: Literal["path", "name"] = "path"
+    location: str | None = None         # a named table's external location; None: managed by the catalog
+
+    @classmethod
+    def of(cls, value: str, location: str | None = None) -> TableRef:
+        """The reference ``value`` stands for (:func:`table_kind`); ``location`` only for a name."""
+        kind = table_kind(value)
+        if kind == "path" and location is not None:
+            raise ValueError(f"{value!r} is a storage path: a location applies to a table by name only")
+        return cls(value.strip(), kind, location)
+
+    @property
+    def is_name(self) -> bool:
+        """True for a metastore name."""
+        return self.kind == "name"
+
+    @property
+    def sql(self) -> str:
+        """The table in Spark SQL: ``delta.`file:/abs/path``` (a relative path there would be read as a table
+        name in a database called ``delta``, so it is made absolute and qualified), or ```db`.`table```."""
+        if self.is_name:
+            return ".".join(f"`{part}`" for part in self.value.split("."))
+        from image_embeddings.uri import qualify
+
+        return "delta.`" + qualify(self.value).replace("`", "``") + "`"
+
+    @property
+    def storage(self) -> str | None:
+        """Where the table's files are, as configured: the path, or a named table's external location; None for a
+        managed table (the catalog chooses; :func:`table_location` asks it)."""
+        return self.location if self.is_name else self.value
+
+    def suffixed(self, suffix: str) -> str:
+        """The value of a table named after this one (``<images_table>_files``): the same kind, ``suffix`` added."""
+        return self.value.rstrip("/") + suffix
+
+    def read(self, spark: SparkSession, version: int | None = None) -> DataFrame:
+        """The table's rows (at ``version``, else the latest)."""
+        return read(spark, self, version)
+
+    def exists(self, spark: SparkSession) -> bool:
+        """True when the table exists (and is a Delta table)."""
+        return table_exists(spark, self)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Table = str | TableRef
+
+
+def table_ref(table: Table) -> TableRef:
+    """``table`` as a :class:`TableRef` (a string is parsed by :func:`table_kind`)."""
+    return table if isinstance(table, TableRef) else TableRef.of(table)
 
 
 class ConcurrentWriteError(RuntimeError):
@@ -39,7 +132,9 @@ def is_write_conflict(exc: BaseException) -> bool:
 _CONFLICT_MARKERS = ("PATH_ALREADY_EXISTS", "DELTA_PATH_EXISTS", "ConcurrentAppendException",
                      "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException", "ConcurrentWriteException",
                      "ConcurrentTransactionException", "ProtocolChangedException", "MetadataChangedException",
-                     "DELTA_CONCURRENT_", "DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED")
+                     "DELTA_CONCURRENT_", "DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED",
+                     # a named table another writer created meanwhile (Spark's catalog, not Delta, says so)
+                     "TABLE_OR_VIEW_ALREADY_EXISTS", "TableAlreadyExistsException")
 
 
 def with_commit_retries(what: str, commit: Callable[[], T], attempts: int = COMMIT_ATTEMPTS) -> tuple[T, int]:
@@ -65,39 +160,109 @@ def with_commit_retries(what: str, commit: Callable[[], T], attempts: int = COMM
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def sql_table(path: str) -> str:
-    """A path-addressed Delta table in Spark SQL: ``delta.`file:/abs/path```. Spark SQL reads a relative path
-    there as a table name in a database called ``delta``, so the path is always made absolute and qualified."""
-    from image_embeddings.uri import qualify
-
-    return "delta.`" + qualify(path).replace("`", "``") + "`"
+def sql_table(table: Table) -> str:
+    """The table in Spark SQL (:attr:`TableRef.sql`)."""
+    return table_ref(table).sql
 
 
-def table_exists(spark: SparkSession, path: str) -> bool:
-    """Return True when ``path`` holds a Delta table."""
-    from delta.tables import DeltaTable
+# How "no such table" reaches Python, classic or Connect, Delta 3 or 4: a path without a Delta log, a name the
+# catalog lacks (or a database it lacks).
+_MISSING_MARKERS = ("DELTA_MISSING_DELTA_TABLE", "is not a Delta table", "DELTA_TABLE_NOT_FOUND",
+                    "TABLE_OR_VIEW_NOT_FOUND", "NoSuchTableException", "SCHEMA_NOT_FOUND", "NoSuchDatabaseException",
+                    "NoSuchNamespaceException", "PATH_NOT_FOUND", "DELTA_PATH_DOES_NOT_EXIST",
+                    "java.io.FileNotFoundException", "DELTA_ONLY_OPERATION", "only supported for Delta tables")
+_NO_SCHEMA_MARKERS = ("SCHEMA_NOT_FOUND", "NoSuchDatabaseException", "NoSuchNamespaceException")
 
-    return bool(DeltaTable.isDeltaTable(spark, path))
+
+def _says(exc: BaseException, markers: tuple[str, ...]) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in markers)
 
 
-def read_table(spark: SparkSession, path: str) -> DataFrame | None:
+class MissingSchemaError(RuntimeError):
+    """A named table's database (schema) does not exist in the session's catalog."""
+
+
+def table_detail(spark: SparkSession, table: Table) -> Row | None:
+    """``DESCRIBE DETAIL`` of a Delta table (format, location, properties, ...), None when there is none.
+
+    A name that holds a table of another format is refused (:class:`IncompatibleTableError`): writing beside it
+    would fail later, less clearly.
+    """
+    ref = table_ref(table)
+    try:
+        row = spark.sql(f"DESCRIBE DETAIL {ref.sql}").first()
+    except Exception as exc:
+        if _says(exc, _MISSING_MARKERS):
+            return None
+        raise
+    if row is not None and str(row["format"] or "").lower() == "delta":
+        return row
+    if ref.is_name and row is not None:
+        raise IncompatibleTableError(f"{ref}: is a {row['format']} table, not a Delta table. Nothing was changed. "
+                                     "Name another table, or convert this one (CONVERT TO DELTA) and run again.")
+    return None  # Delta 3 describes a folder without a Delta log as a non-Delta path
+
+
+def table_exists(spark: SparkSession, table: Table) -> bool:
+    """Return True when ``table`` is a Delta table (a path with a Delta log, or a name in the catalog)."""
+    return table_detail(spark, table) is not None
+
+
+def table_location(spark: SparkSession, table: Table) -> str | None:
+    """Where the table's files are, as the catalog or the Delta log says; None when there is no table."""
+    row = table_detail(spark, table)
+    return None if row is None else str(row["location"])
+
+
+def table_properties(spark: SparkSession, table: Table) -> dict[str, str]:
+    """The table's properties (``DESCRIBE DETAIL``); empty when there is no table."""
+    row = table_detail(spark, table)
+    return {} if row is None else dict(row["properties"] or {})
+
+
+def read(spark: SparkSession, table: Table, version: int | None = None) -> DataFrame:
+    """The rows of a Delta table, at ``version`` (time travel) or the latest; fails when there is none."""
+    ref = table_ref(table)
+    if ref.is_name:
+        if version is None:
+            return spark.read.table(ref.sql)
+        return spark.sql(f"SELECT * FROM {ref.sql} VERSION AS OF {int(version)}")
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", int(version))
+    return reader.load(ref.value)
+
+
+def read_table(spark: SparkSession, table: Table) -> DataFrame | None:
     """Read a Delta table, or return None when there is none yet."""
-    if not table_exists(spark, path):
+    if not table_exists(spark, table):
         return None
-    return spark.read.format("delta").load(path)
+    return read(spark, table)
 
 
-def table_version(spark: SparkSession, path: str) -> int | None:
+def history(spark: SparkSession, table: Table, limit: int | None = None) -> DataFrame:
+    """``DESCRIBE HISTORY`` of a Delta table, newest commit first (the last ``limit`` commits, else all)."""
+    text = f"DESCRIBE HISTORY {table_ref(table).sql}"
+    return spark.sql(text if limit is None else f"{text} LIMIT {int(limit)}")
+
+
+def table_version(spark: SparkSession, table: Table) -> int | None:
     """Return the latest version of a Delta table, or None when it does not exist."""
-    from delta.tables import DeltaTable
-
-    if not table_exists(spark, path):
-        return None
-    row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+    try:
+        row = history(spark, table, 1).select("version").first()
+    except Exception as exc:
+        if _says(exc, _MISSING_MARKERS):
+            return None
+        raise
     return None if row is None else int(row[0])
 
 
-def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: DataFrame | None,
+def _quoted(column: str) -> str:
+    return "`" + column.replace("`", "``") + "`"
+
+
+def merge_changes(spark: SparkSession, table: Table, upserts: DataFrame, deletes: DataFrame | None,
                   key: str | list[str], target_filter: str | None = None,
                   metadata: dict[str, Any] | None = None) -> None:
     """Insert or replace ``upserts`` and delete the ``key`` rows listed in ``deletes``, in one Delta commit.
@@ -105,33 +270,35 @@ def merge_changes(spark: SparkSession, path: str, upserts: DataFrame, deletes: D
     Creates the table from ``upserts`` when it does not exist yet (with :func:`table_features`). Readers see
     either the old version or the new one, never a part of the change. ``target_filter`` (SQL on the target,
     alias ``t``) narrows the files the MERGE may touch, so Delta skips the others; ``metadata`` is recorded with
-    the commit (:func:`commit_state` reads it back).
+    the commit (:func:`commit_state` reads it back). A SQL ``MERGE INTO`` with the changes as a temporary view.
     """
-    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    if not table_exists(spark, path):
-        create(spark, path, upserts, metadata)
+    ref = table_ref(table)
+    if not table_exists(spark, ref):
+        create(spark, ref, upserts, metadata)
         return
     keys = [key] if isinstance(key, str) else key
-    columns = upserts.columns
+    columns = [_quoted(c) for c in upserts.columns]
     source = upserts.withColumn("_delete", F.lit(False))
     if deletes is not None:
         source = source.unionByName(deletes.select(*keys).withColumn("_delete", F.lit(True)),
                                     allowMissingColumns=True)
-    condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    condition = " AND ".join(f"t.{_quoted(k)} = s.{_quoted(k)}" for k in keys)
     if target_filter:
         condition = f"({target_filter}) AND {condition}"
-    values: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in columns}
-    with _commit_metadata(spark, metadata):
-        (
-            DeltaTable.forPath(spark, path).alias("t")
-            .merge(source.alias("s"), condition)
-            .whenMatchedDelete(condition="s._delete")
-            .whenMatchedUpdate(set=values)
-            .whenNotMatchedInsert(condition="NOT s._delete", values=values)
-            .execute()
-        )
+    view = f"image_embeddings_merge_{uuid.uuid4().hex}"
+    statement = (f"MERGE INTO {ref.sql} AS t USING {view} AS s ON {condition} "
+                 "WHEN MATCHED AND s._delete THEN DELETE "
+                 f"WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in columns)} "
+                 f"WHEN NOT MATCHED AND NOT s._delete THEN INSERT ({', '.join(columns)}) "
+                 f"VALUES ({', '.join(f's.{c}' for c in columns)})")
+    source.createOrReplaceTempView(view)
+    try:
+        with _commit_metadata(spark, metadata):
+            spark.sql(statement)
+    finally:
+        spark.catalog.dropTempView(view)
 
 
 # Delta releases that write deletion vectors in MERGE, UPDATE and DELETE (3.1; reads since 2.3).
@@ -168,43 +335,72 @@ def table_features(columns: list[str] | tuple[str, ...], delta: tuple[int, int])
     return features
 
 
-def create(spark: SparkSession, path: str, df: DataFrame, metadata: dict[str, Any] | None = None,
+def _save(writer: DataFrameWriter, ref: TableRef, creating: bool = True) -> None:
+    """Write through ``writer`` to a path, or to a name in the session's catalog (``saveAsTable``), at the
+    name's external location when it is created (managed without one)."""
+    if not ref.is_name:
+        writer.save(ref.value)
+        return
+    if creating and ref.location:
+        from image_embeddings.uri import qualify
+
+        writer = writer.option("path", qualify(ref.location))
+    try:
+        writer.saveAsTable(ref.sql)
+    except Exception as exc:
+        if _says(exc, _NO_SCHEMA_MARKERS):
+            database = ref.value.rsplit(".", 1)[0]
+            raise MissingSchemaError(
+                f"{ref}: the database (schema) {database} does not exist in the session's catalog; nothing was "
+                f"written. Create it (CREATE SCHEMA {database}) or name a table in an existing one.") from exc
+        raise
+
+
+def create(spark: SparkSession, table: Table, df: DataFrame, metadata: dict[str, Any] | None = None,
            mode: str = "errorifexists") -> None:
     """Write ``df`` as a new table (or, with ``mode="overwrite"``, replace one) with :func:`table_features`."""
     from image_embeddings.spark import session_conf
 
+    ref = table_ref(table)
     features = table_features(df.columns, delta_version(spark))
     defaults = {"spark.databricks.delta.properties.defaults." + k[len("delta."):]: v for k, v in features.items()}
     with session_conf(spark, defaults), _commit_metadata(spark, metadata):
         writer = df.write.format("delta").mode(mode)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
-        writer.save(path)
+        _save(writer, ref)
     if mode == "overwrite":
-        ensure_features(spark, path)
-    log.info("%s delta table %s (%s)", "created" if mode != "overwrite" else "rewrote", path,
+        ensure_features(spark, ref)
+    log.info("%s delta table %s (%s)", "created" if mode != "overwrite" else "rewrote", ref,
              ", ".join(f"{k}={v}" for k, v in sorted(features.items())))
 
 
-def overwrite_where(df: DataFrame, path: str, condition: str, metadata: dict[str, Any] | None = None) -> None:
+def overwrite_where(df: DataFrame, table: Table, condition: str, metadata: dict[str, Any] | None = None) -> None:
     """Replace the rows matching ``condition`` (SQL) with ``df`` in one commit; create the table when needed."""
+    from pyspark.sql import functions as F
+
     spark = df.sparkSession
-    if not table_exists(spark, path):
-        create(spark, path, df, metadata)
+    ref = table_ref(table)
+    if not table_exists(spark, ref):
+        create(spark, ref, df, metadata)
         return
     with _commit_metadata(spark, metadata):
-        df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+        if ref.is_name:  # the DataFrameWriterV2's overwrite by condition is Delta's replaceWhere
+            df.writeTo(ref.sql).overwrite(F.expr(condition))
+        else:
+            df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(ref.value)
 
 
-def ensure_features(spark: SparkSession, path: str) -> list[str]:
+def ensure_features(spark: SparkSession, table: Table) -> list[str]:
     """Turn on the :func:`table_features` an existing table lacks (a table of an older release); return them."""
-    current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES {sql_table(path)}").collect()}
-    columns = spark.read.format("delta").load(path).columns
+    ref = table_ref(table)
+    current = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES {ref.sql}").collect()}
+    columns = read(spark, ref).columns
     missing = {k: v for k, v in table_features(columns, delta_version(spark)).items() if current.get(k) != v}
     if missing:
         settings = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
-        spark.sql(f"ALTER TABLE {sql_table(path)} SET TBLPROPERTIES ({settings})")
-        log.info("upgraded delta table %s: %s", path, settings)
+        spark.sql(f"ALTER TABLE {ref.sql} SET TBLPROPERTIES ({settings})")
+        log.info("upgraded delta table %s: %s", ref, settings)
     return sorted(missing)
 
 
@@ -221,19 +417,18 @@ def _commit_metadata(spark: SparkSession, metadata: dict[str, Any] | None) -> It
         yield
 
 
-def commit_state(spark: SparkSession, path: str, match: Callable[[dict[str, Any]], bool] = lambda s: True,
+def commit_state(spark: SparkSession, table: Table, match: Callable[[dict[str, Any]], bool] = lambda s: True,
                  limit: int = 200) -> tuple[int, dict[str, Any]] | None:
-    """The newest commit of ``path`` whose recorded metadata satisfies ``match``: (version, metadata).
+    """The newest commit of ``table`` whose recorded metadata satisfies ``match``: (version, metadata).
 
     Reads the Delta log's commit infos only (the last ``limit`` commits first, then all of them).
     """
-    from delta.tables import DeltaTable
-
-    if not table_exists(spark, path):
+    ref = table_ref(table)
+    if not table_exists(spark, ref):
         return None
-    table = DeltaTable.forPath(spark, path)
-    for history in (table.history(limit), table.history()):
-        rows = history.select("version", "userMetadata").orderBy("version", ascending=False).collect()
+    for last in (limit, None):
+        rows = history(spark, ref, last).select("version", "userMetadata").orderBy(
+            "version", ascending=False).collect()
         for row in rows:
             try:
                 state = json.loads(row["userMetadata"] or "{}").get(STATE_KEY)
@@ -246,13 +441,15 @@ def commit_state(spark: SparkSession, path: str, match: Callable[[dict[str, Any]
     return None
 
 
-def record_state(spark: SparkSession, path: str, metadata: dict[str, Any]) -> None:
+def record_state(spark: SparkSession, table: Table, metadata: dict[str, Any]) -> None:
     """Record ``metadata`` in a commit of its own that changes no data (for runs that had nothing to write)."""
+    ref = table_ref(table)
+
     def commit() -> None:
         with _commit_metadata(spark, metadata):
-            spark.sql(f"ALTER TABLE {sql_table(path)} SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
+            spark.sql(f"ALTER TABLE {ref.sql} SET TBLPROPERTIES ('image_embeddings.state' = 'in commit info')")
 
-    with_commit_retries(f"{path} (state record)", commit)
+    with_commit_retries(f"{ref} (state record)", commit)
 
 
 def key_ranges(values: list[str], limit: int = 64, group: Callable[[str], str] | None = None
@@ -325,9 +522,18 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def read_changes(spark: SparkSession, path: str, after_version: int, to_version: int,
+def change_feed(spark: SparkSession, table: Table, starting: int, ending: int | None = None) -> DataFrame:
+    """The change data feed of ``table`` from version ``starting`` (to ``ending``, else the latest), unread."""
+    ref = table_ref(table)
+    reader = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", int(starting))
+    if ending is not None:
+        reader = reader.option("endingVersion", int(ending))
+    return reader.table(ref.sql) if ref.is_name else reader.load(ref.value)
+
+
+def read_changes(spark: SparkSession, table: Table, after_version: int, to_version: int,
                  columns: tuple[str, ...]) -> DataFrame | None:
-    """``columns`` of the change data feed of ``path`` for versions ``after_version + 1`` to ``to_version``, cached.
+    """``columns`` of the change data feed of ``table`` for versions ``after_version + 1`` to ``to_version``, cached.
 
     None, with a warning, when the feed cannot be read (not enabled for those versions, or vacuumed): the
     caller then compares whole tables once.
@@ -335,32 +541,33 @@ def read_changes(spark: SparkSession, path: str, after_version: int, to_version:
     from pyspark import StorageLevel
 
     try:
-        changes = (spark.read.format("delta").option("readChangeFeed", "true")
-                   .option("startingVersion", after_version + 1).option("endingVersion", to_version).load(path)
-                   .select(*columns).persist(StorageLevel.MEMORY_AND_DISK))
+        changes = (change_feed(spark, table, after_version + 1, to_version).select(*columns)
+                   .persist(StorageLevel.MEMORY_AND_DISK))
         changes.count()
     except Exception as exc:
-        log.warning("change data feed of %s after version %d unreadable, comparing every row: %s", path,
+        log.warning("change data feed of %s after version %d unreadable, comparing every row: %s", table,
                     after_version, str(exc).splitlines()[0][:300])
         return None
     return changes
 
 
-def overwrite(df: DataFrame, path: str) -> None:
+def overwrite(df: DataFrame, table: Table) -> None:
     """Replace a table's content and schema in one commit."""
-    df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
+    _save(df.write.format("delta").mode("overwrite").option("overwriteSchema", "true"), table_ref(table))
 
 
-def append(df: DataFrame, path: str) -> None:
+def append(df: DataFrame, table: Table) -> None:
     """Append rows to a Delta table, creating it when needed; new columns extend an older table's schema."""
-    df.write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+    ref = table_ref(table)
+    creating = ref.location is not None and not table_exists(df.sparkSession, ref)
+    _save(df.write.format("delta").mode("append").option("mergeSchema", "true"), ref, creating)
 
 
 class IncompatibleTableError(RuntimeError):
     """A table lacks columns this version needs (written by an older version, or by something else)."""
 
 
-def require_columns(df: DataFrame, path: str, needed: tuple[str, ...], what: str) -> None:
+def require_columns(df: DataFrame, path: Table, needed: tuple[str, ...], what: str) -> None:
     """Refuse, naming the missing columns, a table that cannot be extended in place; nothing is changed."""
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -370,7 +577,7 @@ def require_columns(df: DataFrame, path: str, needed: tuple[str, ...], what: str
             "or add the columns (ALTER TABLE ... ADD COLUMNS) and run again.")
 
 
-def add_columns(spark: SparkSession, path: str, existing: DataFrame, target: DataFrame, what: str) -> list[str]:
+def add_columns(spark: SparkSession, path: Table, existing: DataFrame, target: DataFrame, what: str) -> list[str]:
     """Add the columns of ``target`` that the table lacks (rows kept, null there until written); return them.
 
     A column of both whose type differs is refused, naming it, before anything is written: the rows cannot be

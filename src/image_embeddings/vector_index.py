@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame, SparkSession
 
+    from image_embeddings.tables import Table
+
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which of its builds loads is no news
 
@@ -240,7 +242,7 @@ class Store:
 def store_for(config: AppConfig, key: str) -> Store:
     """The folder of model ``key``'s index under the configured location."""
     folder = hashlib.sha256(key.encode()).hexdigest()[:16]
-    where = config.index.location_for(config.output.embeddings_table)
+    where = config.index.location_for(config.output.embeddings)
     return Store(f"{where.rstrip('/')}/{key.split('-')[0]}-{folder}", config.s3.endpoint, config.s3.region)
 
 
@@ -729,7 +731,7 @@ def update_index(spark: SparkSession, config: AppConfig, full: bool = False,
     from image_embeddings.similar import config_key
     from image_embeddings.tables import table_version
 
-    table = config.output.embeddings_table
+    table = config.output.embeddings
     version = table_version(spark, table)
     if version is None:
         raise VectorIndexError(f"there is no embeddings table at {table} yet: run stage 2 first")
@@ -782,11 +784,9 @@ def _changes(spark: SparkSession, config: AppConfig, key: str, covered: int, ver
     enough, else None; for each changed image_id whether it was indexed before), or why to build a base instead."""
     from pyspark.sql import functions as F
 
-    from image_embeddings.tables import MAX_LITERAL_KEYS
+    from image_embeddings.tables import MAX_LITERAL_KEYS, change_feed
 
-    feed = (spark.read.format("delta").option("readChangeFeed", "true")
-            .option("startingVersion", covered + 1).option("endingVersion", version)
-            .load(config.output.embeddings_table).where(F.col("model_key") == key))
+    feed = change_feed(spark, config.output.embeddings, covered + 1, version).where(F.col("model_key") == key)
     try:  # a night's changes: one Arrow collect of the feed, vectors included; more: their keys only
         night: Any = feed.select("image_id", "sha256", "_change_type", "_commit_version", "embedding") \
             .limit(LOCAL_FILL_ROWS + 1).toPandas()
@@ -933,13 +933,12 @@ def load_index(store: Store, nprobe: int) -> LoadedIndex:
     return LoadedIndex(index, manifest, table["image_id"], table["sha256"])
 
 
-def is_fresh(spark: SparkSession, table: str, covered: int) -> tuple[bool, int]:
+def is_fresh(spark: SparkSession, table: Table, covered: int) -> tuple[bool, int]:
     """Whether no commit after version ``covered`` changed rows (OPTIMIZE, VACUUM and property changes do not),
     and the table's latest version. Reads the last 50 commit infos of the Delta log, no data."""
-    from delta.tables import DeltaTable
+    from image_embeddings.tables import history as table_history
 
-    history = [(int(r[0]), str(r[1])) for r in
-               DeltaTable.forPath(spark, table).history(50).select("version", "operation").collect()]
+    history = [(int(r[0]), str(r[1])) for r in table_history(spark, table, 50).select("version", "operation").collect()]
     latest = max(v for v, _ in history)
     later = [op for v, op in history if v > covered]
     if covered > latest or len(later) < latest - covered:  # restored, or more commits than were read
@@ -973,7 +972,7 @@ def run_index(spark: SparkSession, config: AppConfig, full: bool = False, run_id
         with report.step("index"):
             report.metrics.update(update_index(spark, config, full=full))
 
-    return run_reported("index", work, spark, config.output.runs_table, run_id, report_file, run_date, rate=None)
+    return run_reported("index", work, spark, config.output.runs, run_id, report_file, run_date, rate=None)
 
 
 def index_line(metrics: dict[str, Any]) -> str:
