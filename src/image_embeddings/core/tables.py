@@ -284,8 +284,11 @@ def _save(writer: DataFrameWriter, ref: TableRef, creating: bool = True) -> None
 
 
 def create(spark: SparkSession, table: Table, df: DataFrame, metadata: dict[str, Any] | None = None,
-           mode: str = "errorifexists") -> None:
-    """Write ``df`` as a new table (or, with ``mode="overwrite"``, replace one) with :func:`table_features`."""
+           mode: str = "error") -> None:
+    """Write ``df`` as a new table (or, with ``mode="overwrite"``, replace one) with :func:`table_features`.
+
+    ``"error"``, not its synonym ``"errorifexists"``, which a Spark Connect writer refuses.
+    """
     from image_embeddings.core.spark import session_conf
 
     ref = table_ref(table)
