@@ -150,6 +150,25 @@ def test_emr_cluster_retries_s3_slow_down_and_shares_the_log_store() -> None:
     assert {k: defaults[k] for k in DELTA_LOG_STORE} == DELTA_LOG_STORE, "EMR Serverless runs write the same way"
 
 
+def test_emr_cluster_and_serverless_runs_use_the_glue_data_catalog() -> None:
+    from image_embeddings.deploy import GLUE_CATALOG, HIVE_CATALOG, emr_serverless_job
+
+    cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
+    classes = {c["Classification"]: c for c in cluster["Configurations"]}
+    # Tables by name (output.* = database.table) are created in Glue, where Athena finds them.
+    assert classes["spark-hive-site"]["Properties"] == GLUE_CATALOG == {
+        "hive.metastore.client.factory.class":
+        "com.amazonaws.glue.catalog.metastore.AWSGlueDataCatalogHiveClientFactory"}
+    defaults = classes["spark-defaults"]["Properties"]
+    assert {k: defaults[k] for k in HIVE_CATALOG} == HIVE_CATALOG == {"spark.sql.catalogImplementation": "hive"}
+    submit = emr_serverless_job("ingest", "s3://b/p", "2026-11-23")["jobDriver"]["sparkSubmit"]
+    settings = dict(p.split(" ", 1)[1].split("=", 1) for p in
+                    (" " + submit["sparkSubmitParameters"]).split(" --conf")[1:])
+    assert settings["spark.sql.catalogImplementation"] == "hive"
+    assert settings["spark.hadoop.hive.metastore.client.factory.class"] == GLUE_CATALOG[
+        "hive.metastore.client.factory.class"]
+
+
 @pytest.mark.parametrize(("job", "command"), [
     ("ingest_images.py", "ingest"), ("embed_images.py", "embed"), ("index_embeddings.py", "neighbours"),
     ("maintain_tables.py", "maintain")])

@@ -60,6 +60,11 @@ DELTA_LOG_STORE = {
     "spark.io.delta.storage.S3DynamoDBLogStore.ddb.tableName": "image_embeddings_delta_log",
     "spark.io.delta.storage.S3DynamoDBLogStore.ddb.region": "us-east-1",
 }
+# The Glue Data Catalog as the session's metastore, for tables by name (deploy/emr/cluster.json has the same: its
+# spark-hive-site classification and spark.sql.catalogImplementation in spark-defaults).
+GLUE_CATALOG = {"hive.metastore.client.factory.class":
+                "com.amazonaws.glue.catalog.metastore.AWSGlueDataCatalogHiveClientFactory"}
+HIVE_CATALOG = {"spark.sql.catalogImplementation": "hive"}
 # EMR Serverless ships Delta's jars but does not load them (a cluster's delta-defaults classification does).
 _SERVERLESS_DELTA_JARS = "/usr/share/aws/delta/lib/delta-spark.jar,/usr/share/aws/delta/lib/delta-storage.jar"
 
@@ -136,8 +141,8 @@ def emr_serverless_job(stage: str, s3_prefix: str, run_date: str, config: str = 
     ``aws emr-serverless start-job-run --cli-input-json``; the application and role come from the caller).
 
     The environment archive is unpacked as ``./environment`` and ``conf/emr-conf.tar.gz`` (holding ``config``) as
-    ``./conf`` in the driver's working directory. The Delta log store and EMRFS retries of the cluster come along
-    as Spark settings, since a Serverless application has no cluster classifications.
+    ``./conf`` in the driver's working directory. The Delta log store, EMRFS retries and Glue catalog of the
+    cluster come along as Spark settings, since a Serverless application has no cluster classifications.
     """
     if stage not in SERVERLESS_STAGES:
         raise ValueError(f"{stage!r} needs a GPU: EMR Serverless runs only {', '.join(SERVERLESS_STAGES)}")
@@ -151,6 +156,8 @@ def emr_serverless_job(stage: str, s3_prefix: str, run_date: str, config: str = 
         "spark.jars": _SERVERLESS_DELTA_JARS,
         **DELTA_LOG_STORE,
         **{f"spark.hadoop.{key}": value for key, value in EMRFS_RETRY.items()},
+        **HIVE_CATALOG,
+        **{f"spark.hadoop.{key}": value for key, value in GLUE_CATALOG.items()},
     }
     return {
         "name": f"image-embeddings {stage} {run_date}",

@@ -1,5 +1,5 @@
 """``image-embeddings status``: the last runs, each table's version and size, embeddings per model identity and
-the newest failure, read from the Delta tables (local paths or ``s3a://``) without running anything."""
+the newest failure, read from the Delta tables (by path, local or ``s3a://``, or by name) without running anything."""
 
 from __future__ import annotations
 
