@@ -24,8 +24,8 @@ CONFIG = str(REPO / "conf" / "local.yaml")
 
 
 def _session(sets: list[str]) -> Any:
-    from image_embeddings.config import load_config
-    from image_embeddings.spark import get_spark
+    from image_embeddings.core.config import load_config
+    from image_embeddings.core.spark import get_spark
 
     return get_spark(load_config(CONFIG, sets))
 
@@ -40,7 +40,7 @@ def _cli(sets: list[str], *command: str) -> tuple[int, str]:
 
 
 def _versions(spark: Any) -> dict[str, int | None]:
-    from image_embeddings.tables import table_version
+    from image_embeddings.core.tables import table_version
 
     return {name: table_version(spark, f"shop.{name}")
             for name in ("images", "images_files", "embeddings", "runs", "embeddings_neighbours")}
@@ -48,7 +48,7 @@ def _versions(spark: Any) -> dict[str, int | None]:
 
 def write(root: Path, sets: list[str]) -> dict[str, Any]:
     """Three runs by name in one driver; the table versions after each."""
-    from image_embeddings.sample import encode, photo
+    from image_embeddings.testing.sample import encode, photo
 
     spark = _session(sets)
     spark.sql("CREATE DATABASE shop")

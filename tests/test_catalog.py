@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from image_embeddings.sample import encode, photo, write_sales
-from image_embeddings.tables import (
+from image_embeddings.core.tables import (
     IncompatibleTableError,
     MissingSchemaError,
     TableRef,
@@ -35,6 +34,7 @@ from image_embeddings.tables import (
     table_version,
     with_commit_retries,
 )
+from image_embeddings.testing.sample import encode, photo, write_sales
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "catalog_probe.py"

@@ -151,7 +151,7 @@ def test_emr_cluster_retries_s3_slow_down_and_shares_the_log_store() -> None:
 
 
 def test_emr_cluster_and_serverless_runs_use_the_glue_data_catalog() -> None:
-    from image_embeddings.deploy import GLUE_CATALOG, HIVE_CATALOG, emr_serverless_job
+    from image_embeddings.ops.deploy import GLUE_CATALOG, HIVE_CATALOG, emr_serverless_job
 
     cluster = json.loads((REPO / "deploy" / "emr" / "cluster.json").read_text())
     classes = {c["Classification"]: c for c in cluster["Configurations"]}
