@@ -61,7 +61,7 @@ import resource, sys, threading
 from image_embeddings.embed.embedder import Embedder, EmbedderSettings
 from image_embeddings.ingest.images import downscale
 from image_embeddings.testing.sample import PHOTOS, encode, photo
-from image_embeddings.embed.workers import prepare_worker
+from image_embeddings.core.worker import prepare_worker
 
 if sys.argv[1] == "prepared":
     prepare_worker()
